@@ -1,0 +1,32 @@
+"""Typed configuration groups shared by the LightningModule, the DataModule and the CLI.
+
+Each group validates itself on construction, so a bad value stops the run before the model loads,
+with a one-line message naming the field and the value.
+"""
+
+from dataclasses import dataclass
+
+
+class ProbeConfigError(ValueError):
+    """A configuration value the probe cannot run with; the message names the field and the value."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ProbeConfigError(message)
+
+
+@dataclass
+class SamplingConfig:
+    use_sequence_processor: bool = True  # False: the seed's legacy path (direct model.generate)
+
+
+@dataclass
+class BatchConfig:
+    rollout_batch_size: int = 8  # prompts per predict_step
+
+    def __post_init__(self):
+        require(
+            self.rollout_batch_size >= 1,
+            f"batch_config.rollout_batch_size must be >= 1, got {self.rollout_batch_size}",
+        )

@@ -1,0 +1,291 @@
+"""SequenceProcessor: sample G responses per prompt, then score them by teacher forcing under the same q.
+
+q (MATH.md) is what generation really samples from: softmax(z / temperature), then top-p truncation.
+Teacher forcing applies transformers' own warpers, in generate's order, so the two always agree.
+"""
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+
+import torch
+import transformers
+from torch.utils.checkpoint import checkpoint
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from probe_lightning.config import require
+
+
+@dataclass
+class GenerationConfig:
+    """How responses are sampled. pad/eos ids left as None are taken from the tokenizer."""
+
+    do_sample: bool = True
+    num_return_sequences: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    pad_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    gen_batch_size: int = 32  # sequences per model.generate call
+    tf_batch_size: int = 16  # sequences per teacher-forcing forward
+    stop_strings: list[str] = field(default_factory=list)  # a response ends after any of these
+
+    def __post_init__(self):
+        require(self.temperature > 0, f"generation.temperature must be > 0, got {self.temperature}")
+        require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
+        require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.gen_batch_size >= 1, f"generation.gen_batch_size must be >= 1, got {self.gen_batch_size}")
+        require(self.tf_batch_size >= 1, f"generation.tf_batch_size must be >= 1, got {self.tf_batch_size}")
+        require(
+            self.num_return_sequences >= 1,
+            f"generation.num_return_sequences must be >= 1, got {self.num_return_sequences}",
+        )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    def logits_warper(self) -> LogitsProcessorList:
+        """z -> scores of q, exactly as model.generate builds them (temperature first, then top-p)."""
+        warpers = LogitsProcessorList()
+        if self.temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        return warpers
+
+    def to_hf(self) -> transformers.GenerationConfig:
+        # top_k=0 and the neutral values override transformers' defaults (top_k=50!), which would
+        # otherwise make generation sample from a distribution teacher forcing does not know about.
+        return transformers.GenerationConfig(
+            do_sample=self.do_sample,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=0,
+            typical_p=1.0,
+            repetition_penalty=1.0,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+            stop_strings=self.stop_strings or None,
+        )
+
+
+@dataclass
+class BatchedSequences:
+    """B prompts x G responses, left-padded prompts of one common length P, then the responses.
+
+    sequences:       [B, G, T] long, prompt tokens in [:, :, :P], response tokens after.
+    attention_masks: [B, G, T] 1 on real prompt tokens and the gen_lens response tokens, else 0.
+    prompt_lens:     B ints, all equal to P (the padded prompt length).
+    gen_lens:        [B][G] response tokens, a generated EOS / stop string included, padding excluded.
+    responses_text:  [B][G] decoded response tokens.
+    """
+
+    sequences: torch.Tensor
+    attention_masks: torch.Tensor
+    prompt_lens: list[int]
+    gen_lens: list[list[int]]
+    responses_text: list[list[str]]
+
+    @property
+    def num_prompts(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def num_responses_per_prompt(self) -> int:
+        return self.sequences.shape[1]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompt_lens[0]
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """[B, G, T - P] 1 on counted response tokens."""
+        return self.attention_masks[:, :, self.prompt_len :]
+
+    def select(self, prompts: slice) -> "BatchedSequences":
+        """The sub-batch of prompts[prompts], all G responses of each."""
+        return replace(
+            self,
+            sequences=self.sequences[prompts],
+            attention_masks=self.attention_masks[prompts],
+            prompt_lens=self.prompt_lens[prompts],
+            gen_lens=self.gen_lens[prompts],
+            responses_text=self.responses_text[prompts],
+        )
+
+
+@dataclass
+class TeacherForcing:
+    """Scores of a BatchedSequences under q. R = T - P response positions; zeros off the response mask."""
+
+    token_logprobs: torch.Tensor  # [B, G, R] log q(y_t | p, y_<t), float32
+    token_entropies: torch.Tensor  # [B, G, R] entropy of q(. | p, y_<t), float32, detached
+    seq_logprobs: torch.Tensor  # [B, G] S(y): sum of token_logprobs
+    response_mask: torch.Tensor  # [B, G, R]
+
+
+class SequenceProcessor:
+    def __init__(self, model, tokenizer, config: GenerationConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        if config.pad_token_id is None:
+            config = replace(config, pad_token_id=tokenizer.pad_token_id)
+        if config.eos_token_id is None:
+            config = replace(config, eos_token_id=tokenizer.eos_token_id)
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ---- generation ----
+
+    @torch.no_grad()
+    def generate_batched(self, prompts: list[str], G: int, gen_batch_size: int | None = None) -> BatchedSequences:
+        """Sample G responses for each prompt, gen_batch_size sequences per model.generate call."""
+        require(G >= 1, f"G must be >= 1, got {G}")
+        gen_batch_size = gen_batch_size or self.config.gen_batch_size
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt_ids = encoded.input_ids.to(self.device).repeat_interleave(G, dim=0)
+        prompt_mask = encoded.attention_mask.to(self.device).repeat_interleave(G, dim=0)
+        prompt_len = prompt_ids.shape[1]
+        chunks = []
+        for start in range(0, prompt_ids.shape[0], gen_batch_size):
+            rows = slice(start, start + gen_batch_size)
+            out = self.sample(prompt_ids[rows], prompt_mask[rows])
+            chunks.append(out[:, prompt_len:])
+        width = max(chunk.shape[1] for chunk in chunks)
+        responses = torch.cat(
+            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.config.pad_token_id) for c in chunks]
+        )
+        return self.assemble(prompt_ids, prompt_mask, responses, G)
+
+    def assemble(
+        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor, G: int
+    ) -> BatchedSequences:
+        """[B*G, P] prompts (each repeated G times) + [B*G, R] generated tokens -> BatchedSequences."""
+        gen_lens = self.response_lengths(responses)
+        response_mask = torch.arange(responses.shape[1], device=responses.device)[None, :] < gen_lens[:, None]
+        sequences = torch.cat([prompt_ids, responses], dim=1)
+        masks = torch.cat([prompt_mask, response_mask.long()], dim=1)
+        texts = [
+            self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(responses, gen_lens.tolist())
+        ]
+        B = prompt_ids.shape[0] // G
+        return BatchedSequences(
+            sequences=sequences.view(B, G, -1),
+            attention_masks=masks.view(B, G, -1),
+            prompt_lens=[prompt_ids.shape[1]] * B,
+            gen_lens=gen_lens.view(B, G).tolist(),
+            responses_text=[texts[b * G : (b + 1) * G] for b in range(B)],
+        )
+
+    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_return_sequences: int = 1):
+        """One model.generate call sampling from q: [N, P] prompts -> [N * num_return_sequences, P + R]."""
+        hf_config = self.config.to_hf()
+        hf_config.num_return_sequences = num_return_sequences
+        # Swap in a blank model generation config so a checkpoint's own sampling defaults
+        # (top_k, min_p, repetition penalty, ...) cannot leak into q.
+        saved, self.model.generation_config = self.model.generation_config, transformers.GenerationConfig()
+        try:
+            return self.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                generation_config=hf_config,
+                tokenizer=self.tokenizer,
+            )
+        finally:
+            self.model.generation_config = saved
+
+    def response_lengths(self, responses: torch.Tensor) -> torch.Tensor:
+        """Tokens up to and including the first EOS or the token completing a stop string."""
+        width = responses.shape[1]
+        lengths = torch.full((responses.shape[0],), width, dtype=torch.long, device=responses.device)
+        eos_ids = self.config.eos_token_ids
+        if eos_ids:
+            is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
+            first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, width)
+            lengths = torch.minimum(lengths, first)
+        if self.config.stop_strings:
+            ends = [self._stop_string_end(row[:n]) for row, n in zip(responses.tolist(), lengths.tolist())]
+            lengths = torch.minimum(lengths, torch.tensor(ends, device=responses.device))
+        return lengths
+
+    def _stop_string_end(self, tokens: list[int]) -> int:
+        pieces = [self.tokenizer.decode([t]) for t in tokens]
+        text = "".join(pieces)
+        hits = [text.find(s) + len(s) for s in self.config.stop_strings if s in text]
+        if not hits:
+            return len(tokens)
+        end_char, covered = min(hits), 0
+        for i, piece in enumerate(pieces):
+            covered += len(piece)
+            if covered >= end_char:
+                return i + 1
+        return len(tokens)
+
+    # ---- teacher forcing ----
+
+    def teacher_force_logprobs(
+        self, batch: BatchedSequences, with_grad: bool = False, tf_batch_size: int | None = None
+    ) -> TeacherForcing:
+        """Per-token log q, per-token entropies and S for every response; graph kept iff with_grad."""
+        if with_grad and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "teacher_force_logprobs(with_grad=True) ran under torch.inference_mode, where no gradient can "
+                "exist; run the probe with trainer.inference_mode: false"
+            )
+        tf_batch_size = tf_batch_size or self.config.tf_batch_size
+        B, G, T = batch.sequences.shape
+        P = batch.prompt_len
+        ids = batch.sequences.reshape(B * G, T)
+        masks = batch.attention_masks.reshape(B * G, T)
+        logprobs, entropies = [], []
+        with torch.enable_grad() if with_grad else torch.no_grad():
+            for start in range(0, B * G, tf_batch_size):
+                rows = slice(start, start + tf_batch_size)
+                lp, ent = self._score_chunk(ids[rows], masks[rows], P, with_grad)
+                logprobs.append(lp)
+                entropies.append(ent)
+        response_mask = batch.response_mask.bool()
+        # where, not a product: padding after a response may lie outside top-p, where log q = -inf.
+        token_logprobs = torch.cat(logprobs).view(B, G, T - P).where(response_mask, 0.0)
+        token_entropies = torch.cat(entropies).view(B, G, T - P).where(response_mask, 0.0)
+        return TeacherForcing(token_logprobs, token_entropies, token_logprobs.sum(-1), response_mask.float())
+
+    def _score_chunk(self, ids, masks, prompt_len, with_grad):
+        # Positions as generate computed them for left-padded prompts.
+        position_ids = (masks.cumsum(-1) - 1).clamp(min=0)
+        width = ids.shape[1] - prompt_len
+        # Only the logits predicting response tokens: positions P-1 .. T-2.
+        logits = self.model(
+            input_ids=ids, attention_mask=masks, position_ids=position_ids, logits_to_keep=width + 1, use_cache=False
+        ).logits[:, :-1]
+        targets = ids[:, prompt_len:]
+        warper = self.config.logits_warper()
+        rows = []
+        for row_logits, row_targets in zip(logits, targets):
+            # One sequence's float32 log-softmax at a time; with gradients it is recomputed in
+            # backward rather than kept, so memory stays near the logits themselves.
+            if with_grad:
+                rows.append(checkpoint(_row_scores, row_logits, row_targets, warper, use_reentrant=False))
+            else:
+                rows.append(_row_scores(row_logits, row_targets, warper))
+        token_logprobs = torch.stack([lp for lp, _ in rows])
+        entropies = torch.stack([ent for _, ent in rows]).detach()
+        return token_logprobs, entropies
+
+
+def _row_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList):
+    """log q(target) and the entropy of q at each position of one sequence ([R, V] logits)."""
+    scores = warper(None, logits.float()) if warper else logits.float()
+    logq = scores.log_softmax(-1)
+    token_logprobs = logq.gather(-1, targets[:, None]).squeeze(-1)
+    # Tokens outside the top-p set have q = 0 and contribute 0 * log 0 = 0.
+    entropies = -(logq.exp() * logq.masked_fill(torch.isinf(logq), 0.0)).sum(-1)
+    return token_logprobs, entropies

@@ -1,0 +1,166 @@
+"""The SequenceProcessor's contract on tiny random models with the default model's real tokenizer."""
+
+import pytest
+import torch
+from tiny_models import tiny_llama
+
+from probe_lightning.sequence_processor import BatchedSequences, GenerationConfig, SequenceProcessor
+
+PROMPTS = ["Hi", "What is 2 + 2? Think step by step and explain.", "Count to five"]
+
+
+def make_processor(tokenizer, eos_scale=3.0, **settings) -> SequenceProcessor:
+    return SequenceProcessor(tiny_llama(tokenizer, eos_scale=eos_scale), tokenizer, GenerationConfig(**settings))
+
+
+def generate_with_scores(processor: SequenceProcessor, prompts, G) -> tuple[BatchedSequences, torch.Tensor]:
+    """generate() itself, keeping its log q of each sampled token (transition scores), [B, G, R]."""
+    encoded = processor.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ids, mask = encoded.input_ids.repeat_interleave(G, 0), encoded.attention_mask.repeat_interleave(G, 0)
+    hf_config = processor.config.to_hf()
+    hf_config.update(output_scores=True, return_dict_in_generate=True)
+    out = processor.model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_config)
+    scores = processor.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    batch = processor.assemble(ids, mask, out.sequences[:, ids.shape[1] :], G)
+    return batch, scores.view(len(prompts), G, -1)
+
+
+def test_masks_and_gen_lens_with_pad_equal_to_eos_and_eos_mid_batch(tokenizer):
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    torch.manual_seed(0)
+    processor = make_processor(tokenizer, max_new_tokens=16)
+    batch = processor.generate_batched(PROMPTS, G=4, gen_batch_size=5)
+    B, G, T = batch.sequences.shape
+    P = batch.prompt_len
+    assert (B, G) == (3, 4) and batch.prompt_lens == [P] * 3
+    prompt_mask = tokenizer(PROMPTS, padding=True, return_tensors="pt", add_special_tokens=False).attention_mask
+    assert torch.equal(batch.attention_masks[:, :, :P], prompt_mask[:, None, :].expand(B, G, P))
+    gen_lens = torch.tensor(batch.gen_lens)
+    assert (gen_lens < T - P).any() and (gen_lens == 16).any(), "the seed should give EOS mid-batch and full rows"
+    for b in range(B):
+        for g in range(G):
+            n = batch.gen_lens[b][g]
+            response = batch.sequences[b, g, P:]
+            assert batch.attention_masks[b, g, P:].tolist() == [1] * n + [0] * (T - P - n)
+            assert (response[: n - 1] != tokenizer.eos_token_id).all()
+            if n < 16:
+                assert response[n - 1] == tokenizer.eos_token_id
+                assert (response[n:] == tokenizer.pad_token_id).all()
+
+
+def test_teacher_forced_logprobs_equal_generation_scores(tokenizer):
+    torch.manual_seed(1)
+    processor = make_processor(tokenizer, max_new_tokens=12, temperature=0.7, top_p=0.8)
+    batch, scores = generate_with_scores(processor, PROMPTS, G=3)
+    tf = processor.teacher_force_logprobs(batch, tf_batch_size=4)
+    mask = tf.response_mask.bool()
+    assert mask.sum() > 30
+    torch.testing.assert_close(tf.token_logprobs[mask], scores[:, :, : mask.shape[-1]][mask], atol=1e-4, rtol=0)
+    assert torch.isfinite(tf.token_logprobs).all()
+    lengths = torch.tensor(batch.gen_lens)
+    assert (tf.seq_logprobs[lengths > 0] < 0).all()
+
+
+def test_generate_batched_samples_from_q(tokenizer):
+    """Every sampled token lies inside q's top-p set: its teacher-forced log-prob is finite."""
+    torch.manual_seed(2)
+    processor = make_processor(tokenizer, max_new_tokens=10, temperature=1.5, top_p=0.3)
+    batch = processor.generate_batched(PROMPTS, G=4)
+    tf = processor.teacher_force_logprobs(batch)
+    assert torch.isfinite(tf.token_logprobs).all()
+    assert (tf.token_logprobs <= 0).all()
+
+
+def _brute_force_entropies(model, batch, temperature, top_p):
+    """Entropy of q at every response position: full forward, float64, an explicit sort-based top-p."""
+    B, G, T = batch.sequences.shape
+    ids, masks = batch.sequences.view(B * G, T), batch.attention_masks.view(B * G, T)
+    logits = model(input_ids=ids, attention_mask=masks, position_ids=(masks.cumsum(-1) - 1).clamp(min=0)).logits
+    probs = (logits[:, batch.prompt_len - 1 : -1].double() / temperature).softmax(-1)
+    sorted_probs, order = probs.sort(-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
+    keep_sorted = before < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    q = probs * keep
+    q = q / q.sum(-1, keepdim=True)
+    entropies = -(q * q.clamp(min=1e-300).log()).sum(-1)
+    return entropies.view(B, G, -1)
+
+
+def test_token_entropies_equal_brute_force_over_the_vocabulary(tokenizer):
+    torch.manual_seed(3)
+    processor = make_processor(tokenizer, max_new_tokens=8, temperature=0.8, top_p=0.9)
+    batch = processor.generate_batched(PROMPTS, G=2)
+    tf = processor.teacher_force_logprobs(batch)
+    with torch.no_grad():
+        expected = _brute_force_entropies(processor.model, batch, 0.8, 0.9)
+    mask = tf.response_mask.bool()
+    torch.testing.assert_close(tf.token_entropies[mask].double(), expected[mask], atol=1e-4, rtol=1e-4)
+    assert (tf.token_entropies[~mask] == 0).all()
+
+
+def test_gradients_reach_parameters_only_with_grad(tokenizer):
+    torch.manual_seed(4)
+    processor = make_processor(tokenizer, max_new_tokens=6)
+    batch = processor.generate_batched(PROMPTS[:2], G=2)
+    without = processor.teacher_force_logprobs(batch, with_grad=False)
+    assert not without.seq_logprobs.requires_grad
+    with_grad = processor.teacher_force_logprobs(batch, with_grad=True, tf_batch_size=1)
+    with_grad.seq_logprobs.sum().backward()
+    grads = [p.grad for p in processor.model.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+    torch.testing.assert_close(with_grad.seq_logprobs.detach(), without.seq_logprobs)
+
+
+def test_teacher_forcing_is_independent_of_chunking_and_left_padding(tokenizer):
+    torch.manual_seed(5)
+    processor = make_processor(tokenizer, max_new_tokens=8, temperature=0.9)
+    batch = processor.generate_batched(PROMPTS, G=2)
+    whole = processor.teacher_force_logprobs(batch, tf_batch_size=6)
+    one_by_one = processor.teacher_force_logprobs(batch, tf_batch_size=1)
+    torch.testing.assert_close(whole.token_logprobs, one_by_one.token_logprobs, atol=1e-5, rtol=0)
+    # The short prompt alone has no left padding; inside the batch it has a lot.
+    alone = processor.assemble(
+        batch.sequences[0, :, batch.prompt_len - 1 :].reshape(2, -1)[:, :1].clone(),
+        torch.ones(2, 1, dtype=torch.long),
+        batch.sequences[0, :, batch.prompt_len :],
+        G=2,
+    )
+    short_prompt = tokenizer(PROMPTS[0], add_special_tokens=False).input_ids
+    assert len(short_prompt) == 1, "PROMPTS[0] is one token, so the slice above is the whole prompt"
+    torch.testing.assert_close(
+        processor.teacher_force_logprobs(alone).token_logprobs, whole.token_logprobs[:1], atol=1e-5, rtol=0
+    )
+
+
+def test_generation_ends_after_a_stop_string(tokenizer):
+    torch.manual_seed(6)
+    stop_token = tokenizer.convert_tokens_to_ids("ing")
+    model = tiny_llama(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight[stop_token] *= 3.0
+    processor = SequenceProcessor(model, tokenizer, GenerationConfig(max_new_tokens=16, stop_strings=["ing"]))
+    batch = processor.generate_batched(PROMPTS, G=3)
+    P = batch.prompt_len
+    ended = 0
+    for b, g in [(b, g) for b in range(3) for g in range(3)]:
+        n = batch.gen_lens[b][g]
+        response = batch.sequences[b, g, P:].tolist()
+        text = tokenizer.decode(response[:n])
+        if "ing" in text:
+            ended += 1
+            assert text.endswith("ing") and "ing" not in tokenizer.decode(response[: n - 1])
+            assert all(t == tokenizer.pad_token_id for t in response[n:])
+        else:
+            assert n == 16
+    assert ended >= 3
+
+
+def test_invalid_generation_settings_name_the_field():
+    from probe_lightning.config import ProbeConfigError
+
+    with pytest.raises(ProbeConfigError, match=r"generation.top_p must be in \(0, 1\], got 1.5"):
+        GenerationConfig(top_p=1.5)
+    with pytest.raises(ProbeConfigError, match="generation.temperature must be > 0, got 0"):
+        GenerationConfig(temperature=0)
