@@ -1,0 +1,88 @@
+"""The estimator functions of MATH.md on hand-computable inputs."""
+
+import math
+
+import pytest
+import torch
+
+from probe_lightning import estimators
+
+
+def test_advantages_subtract_the_group_mean():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.25, 0.25, 0.25, -0.75]])
+    assert torch.equal(estimators.advantages(rewards), expected)
+
+
+def test_loo_coefficient_subtracts_the_mean_of_the_other_responses():
+    weighted = torch.tensor([[-1.0, -2.0, -6.0]])
+    # c_0 = -1 - (-2 - 6)/2 = 3, c_1 = -2 - (-1 - 6)/2 = 1.5, c_2 = -6 - (-1 - 2)/2 = -4.5
+    assert torch.equal(estimators.loo_coefficients(weighted), torch.tensor([[3.0, 1.5, -4.5]]))
+
+
+def test_loo_coefficient_with_one_response_has_no_baseline():
+    weighted = torch.tensor([[-1.5], [-0.5]])
+    assert torch.equal(estimators.loo_coefficients(weighted), weighted)
+
+
+def test_weighting_modes_divide_by_their_normaliser():
+    seq_logprobs = torch.tensor([[-4.0, -6.0]])
+    gen_lens = torch.tensor([[2.0, 3.0]])
+    max_lengths = torch.tensor([3.0])
+    weighted = lambda mode: estimators.weighted_logprobs(seq_logprobs, gen_lens, max_lengths, mode, budget=8)  # noqa: E731
+    assert torch.allclose(weighted("dr_grpo"), torch.tensor([[-4 / 3, -2.0]]))
+    assert torch.allclose(weighted("per_token_avg"), torch.tensor([[-2.0, -2.0]]))
+    assert torch.allclose(weighted("budget"), torch.tensor([[-0.5, -0.75]]))
+    with pytest.raises(ValueError, match="weighting_mode must be one of"):
+        weighted("mean")
+
+
+def _grad(loss, theta):
+    return torch.autograd.grad(loss.sum(), theta)[0]
+
+
+def test_entropy_loss_gradient_is_minus_mean_of_coefficient_times_score():
+    # S_g(θ) = a_g · θ, so ∇S_g = a_g and X = -(1/G) Σ c_g a_g with c the detached LOO coefficients.
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    a = torch.tensor([[1.0, 2.0], [-1.0, 0.5], [0.5, -3.0]])
+    seq_logprobs = (a @ theta - 2.0)[None, :]  # [1, 3]
+    gen_lens, max_lengths = torch.tensor([[2.0, 4.0, 4.0]]), torch.tensor([4.0])
+    x = _grad(estimators.entropy_loss(seq_logprobs, gen_lens, max_lengths, "dr_grpo", budget=8), theta)
+    c = estimators.loo_coefficients(seq_logprobs.detach() / 4.0)[0]
+    assert torch.allclose(x, -(c[:, None] * a).mean(0))
+
+
+def test_per_token_avg_adds_the_pathwise_term():
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    a = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    seq_logprobs = (a @ theta - 2.0)[None, :]
+    gen_lens, max_lengths = torch.tensor([[2.0, 4.0]]), torch.tensor([4.0])
+    x = _grad(estimators.entropy_loss(seq_logprobs, gen_lens, max_lengths, "per_token_avg", budget=8), theta)
+    weighted = seq_logprobs.detach() / gen_lens
+    c = estimators.loo_coefficients(weighted)[0]
+    pathwise = -(a / gen_lens[0][:, None]).mean(0)
+    assert torch.allclose(x, -(c[:, None] * a).mean(0) + pathwise)
+
+
+def test_update_loss_gradient_is_mean_advantage_over_max_length_times_score():
+    theta = torch.tensor([0.3, -0.2], requires_grad=True)
+    a = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
+    seq_logprobs = (a @ theta)[None, :]
+    adv = torch.tensor([[0.5, -0.5]])
+    grad = _grad(estimators.update_loss(seq_logprobs, adv, torch.tensor([5.0])), theta)
+    assert torch.allclose(grad, (0.5 * a[0] - 0.5 * a[1]) / 5.0 / 2)
+
+
+def test_dot_accumulates_in_float64():
+    big = [torch.full((1000,), 1e4, dtype=torch.float32), torch.tensor([1.0])]
+    ones = [torch.ones(1000), torch.tensor([1e-3])]
+    assert estimators.dot(big, ones) == pytest.approx(1e7 + 1e-3, rel=0, abs=1e-9)
+    assert estimators.norm([torch.tensor([3.0, 4.0])]) == 5.0
+
+
+def test_plugin_standard_error_follows_the_formula():
+    a_e = torch.tensor([1.0, 2.0, 3.0, 4.0])  # var 5/3
+    b_u = torch.tensor([0.0, 2.0])  # var 2
+    expected = 0.1 * math.sqrt((5 / 3) / 4 + 2 / 2)
+    assert estimators.plugin_standard_error(a_e, b_u, 0.1) == pytest.approx(expected)
+    assert math.isnan(estimators.plugin_standard_error(a_e, b_u[:1], 0.1))
