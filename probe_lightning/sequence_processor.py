@@ -14,6 +14,8 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 
 from probe_lightning.config import require
 
+_CHUNK_ELEMENTS = 1 << 22  # vocabulary-sized float32 work per teacher-forcing chunk (16 MiB)
+
 
 @dataclass
 class GenerationConfig:
@@ -97,6 +99,10 @@ class BatchedSequences:
     @property
     def num_responses_per_prompt(self) -> int:
         return self.sequences.shape[1]
+
+    @property
+    def num_sequences(self) -> int:
+        return self.num_prompts * self.num_responses_per_prompt
 
     @property
     def prompt_len(self) -> int:
@@ -232,9 +238,17 @@ class SequenceProcessor:
     # ---- teacher forcing ----
 
     def teacher_force_logprobs(
-        self, batch: BatchedSequences, with_grad: bool = False, tf_batch_size: int | None = None
+        self,
+        batch: BatchedSequences,
+        with_grad: bool = False,
+        tf_batch_size: int | None = None,
+        parameters: dict[str, torch.Tensor] | None = None,
     ) -> TeacherForcing:
-        """Per-token log q, per-token entropies and S for every response; graph kept iff with_grad."""
+        """Per-token log q, per-token entropies and S for every response; graph kept iff with_grad.
+
+        parameters: replacements for some of the model's parameters by name (torch.func.functional_call),
+        e.g. the primals of a forward-mode jvp.
+        """
         if with_grad and torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "teacher_force_logprobs(with_grad=True) ran under torch.inference_mode, where no gradient can "
@@ -249,7 +263,7 @@ class SequenceProcessor:
         with torch.enable_grad() if with_grad else torch.no_grad():
             for start in range(0, B * G, tf_batch_size):
                 rows = slice(start, start + tf_batch_size)
-                lp, ent = self._score_chunk(ids[rows], masks[rows], P, with_grad)
+                lp, ent = self._score_chunk(ids[rows], masks[rows], P, with_grad, parameters)
                 logprobs.append(lp)
                 entropies.append(ent)
         response_mask = batch.response_mask.bool()
@@ -258,34 +272,43 @@ class SequenceProcessor:
         token_entropies = torch.cat(entropies).view(B, G, T - P).where(response_mask, 0.0)
         return TeacherForcing(token_logprobs, token_entropies, token_logprobs.sum(-1), response_mask.float())
 
-    def _score_chunk(self, ids, masks, prompt_len, with_grad):
-        # Positions as generate computed them for left-padded prompts.
-        position_ids = (masks.cumsum(-1) - 1).clamp(min=0)
+    def _score_chunk(self, ids, masks, prompt_len, with_grad, parameters):
         width = ids.shape[1] - prompt_len
-        # Only the logits predicting response tokens: positions P-1 .. T-2.
-        logits = self.model(
-            input_ids=ids, attention_mask=masks, position_ids=position_ids, logits_to_keep=width + 1, use_cache=False
-        ).logits[:, :-1]
+        inputs = dict(
+            input_ids=ids,
+            attention_mask=masks,
+            position_ids=(masks.cumsum(-1) - 1).clamp(min=0),  # as generate numbers left-padded prompts
+            logits_to_keep=width + 1,  # only the logits predicting response tokens: positions P-1 .. T-2
+            use_cache=False,
+        )
+        if parameters is None:
+            logits = self.model(**inputs).logits[:, :-1]
+        else:
+            logits = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs).logits[:, :-1]
         targets = ids[:, prompt_len:]
         warper = self.config.logits_warper()
-        rows = []
-        for row_logits, row_targets in zip(logits, targets):
-            # One sequence's float32 log-softmax at a time; with gradients it is recomputed in
-            # backward rather than kept, so memory stays near the logits themselves.
+        # A few sequences' float32 log-softmax at a time (about _CHUNK_ELEMENTS floats); with
+        # gradients it is recomputed in backward rather than kept, so memory stays near the logits.
+        rows_per_chunk = max(1, _CHUNK_ELEMENTS // (logits.shape[1] * logits.shape[2]))
+        chunks = []
+        for start in range(0, logits.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
             if with_grad:
-                rows.append(checkpoint(_row_scores, row_logits, row_targets, warper, use_reentrant=False))
+                chunks.append(checkpoint(_chunk_scores, logits[rows], targets[rows], warper, use_reentrant=False))
             else:
-                rows.append(_row_scores(row_logits, row_targets, warper))
-        token_logprobs = torch.stack([lp for lp, _ in rows])
-        entropies = torch.stack([ent for _, ent in rows]).detach()
+                chunks.append(_chunk_scores(logits[rows], targets[rows], warper))
+        token_logprobs = torch.cat([lp for lp, _ in chunks])
+        entropies = torch.cat([ent for _, ent in chunks]).detach()
         return token_logprobs, entropies
 
 
-def _row_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList):
-    """log q(target) and the entropy of q at each position of one sequence ([R, V] logits)."""
-    scores = warper(None, logits.float()) if warper else logits.float()
+def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList):
+    """log q(target) and the entropy of q at each position, [N, R] from [N, R, V] logits."""
+    scores = logits.float()
+    if warper:  # transformers' warpers take [rows, V] scores
+        scores = warper(None, scores.flatten(0, 1)).view_as(scores)
     logq = scores.log_softmax(-1)
-    token_logprobs = logq.gather(-1, targets[:, None]).squeeze(-1)
+    token_logprobs = logq.gather(-1, targets[..., None]).squeeze(-1)
     # Tokens outside the top-p set have q = 0 and contribute 0 * log 0 = 0.
     entropies = -(logq.exp() * logq.masked_fill(torch.isinf(logq), 0.0)).sum(-1)
     return token_logprobs, entropies
