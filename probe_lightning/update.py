@@ -1,0 +1,57 @@
+"""The update geometry: how the mean RL gradient ∇J̄ becomes Ȳ, the step δH₁ is measured along.
+
+- identity:           Ȳ = ∇J̄,            δH₁ = η ⟨X̄, Ȳ⟩   (no optimizer state: plain SGD geometry)
+- adam_precondition:  Ȳ = P ⊙ ∇J̄,        δH₁ = η ⟨X̄, Ȳ⟩   (the seed's geometry, MATH.md)
+- adamw_step:         Ȳ = Δθ(∇J̄),        δH₁ = ⟨X̄, Δθ⟩    (the exact AdamW step; η is inside Δθ)
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from probe_lightning.preconditioning import AdamParamState, adam_precondition, adamw_step, adamw_step_derivative
+
+UPDATES = ("adam_precondition", "adamw_step")
+PRECONDITIONERS = ("adam", "identity")
+
+
+@dataclass
+class UpdateGeometry:
+    kind: str  # "identity", "adam_precondition" or "adamw_step"
+    learning_rate: float
+    states: list[AdamParamState] | None = None
+
+    @classmethod
+    def build(cls, update: str, learning_rate: float, states: list[AdamParamState] | None) -> "UpdateGeometry":
+        if states is None:
+            return cls("identity", learning_rate)
+        if update == "adamw_step":
+            # A configured η overrides the saved group rates; otherwise each group keeps its own.
+            return cls(update, learning_rate, [replace(s, lr=learning_rate) for s in states])
+        return cls(update, learning_rate, states)
+
+    @property
+    def scale(self) -> float:
+        """δH₁ = scale · ⟨X̄, Ȳ⟩."""
+        return 1.0 if self.kind == "adamw_step" else self.learning_rate
+
+    def step_direction(self, grad_j: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Ȳ from ∇J̄ = ΣY / B_U."""
+        if self.kind == "adam_precondition":
+            return adam_precondition(self.states, grad_j)
+        if self.kind == "adamw_step":
+            return adamw_step(self.states, params, grad_j)
+        return grad_j
+
+    def update_tangent(
+        self, x_bar: list[torch.Tensor], grad_j: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The direction v with b_u = ⟨v, ∇J(p_u)⟩ = ⟨X̄, ∂Ȳ/∂∇J · ∇J(p_u)⟩ (Ȳ is elementwise in ∇J).
+
+        Linear geometries: b_u / B_U sum to ⟨X̄, Ȳ⟩ exactly. adamw_step linearises Δθ at ∇J̄ (delta method).
+        """
+        if self.kind == "adam_precondition":
+            return [s.preconditioner() * x for s, x in zip(self.states, x_bar)]
+        if self.kind == "adamw_step":
+            return [d * x for d, x in zip(adamw_step_derivative(self.states, params, grad_j), x_bar)]
+        return x_bar
