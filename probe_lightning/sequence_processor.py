@@ -266,11 +266,11 @@ class SequenceProcessor:
                 lp, ent = self._score_chunk(ids[rows], masks[rows], P, with_grad, parameters)
                 logprobs.append(lp)
                 entropies.append(ent)
-        response_mask = batch.response_mask.bool()
-        # where, not a product: padding after a response may lie outside top-p, where log q = -inf.
-        token_logprobs = torch.cat(logprobs).view(B, G, T - P).where(response_mask, 0.0)
-        token_entropies = torch.cat(entropies).view(B, G, T - P).where(response_mask, 0.0)
-        return TeacherForcing(token_logprobs, token_entropies, token_logprobs.sum(-1), response_mask.float())
+            response_mask = batch.response_mask.bool()
+            # where, not a product: padding after a response may lie outside top-p, where log q = -inf.
+            token_logprobs = torch.cat(logprobs).view(B, G, T - P).where(response_mask, 0.0)
+            token_entropies = torch.cat(entropies).view(B, G, T - P).where(response_mask, 0.0)
+            return TeacherForcing(token_logprobs, token_entropies, token_logprobs.sum(-1), response_mask.float())
 
     def _score_chunk(self, ids, masks, prompt_len, with_grad, parameters):
         width = ids.shape[1] - prompt_len

@@ -164,3 +164,12 @@ def test_invalid_generation_settings_name_the_field():
         GenerationConfig(top_p=1.5)
     with pytest.raises(ProbeConfigError, match="generation.temperature must be > 0, got 0"):
         GenerationConfig(temperature=0)
+
+
+def test_with_grad_keeps_the_graph_even_inside_no_grad(tokenizer):
+    """Lightning's predict loop runs under torch.no_grad; the probe's teacher forcing still needs a graph."""
+    processor = make_processor(tokenizer, max_new_tokens=4)
+    batch = processor.generate_batched(PROMPTS[:1], G=2)
+    with torch.no_grad():
+        scores = processor.teacher_force_logprobs(batch, with_grad=True)
+    assert scores.seq_logprobs.requires_grad

@@ -1,0 +1,207 @@
+"""Prompts for the probe: a pool of problems, each probe's random E/U draw, and the rollout batches.
+
+Sources: a built-in arithmetic task (no files), a JSONL file, or a local `datasets` folder.
+The DataModule yields `PromptBatch`es in the order the module consumes them:
+probe 0 E batches, probe 0 U batches, probe 1 E batches, ...
+"""
+
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import lightning.pytorch as pl
+import numpy as np
+from torch.utils.data import DataLoader
+
+from probe_lightning.config import BatchConfig, ProbeConfigError, require
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("arithmetic", "jsonl", "hf")
+# The arithmetic task multiplies a number in [2, ARITHMETIC_MAX_FACTOR] by 1, in either order.
+# Why so easy: SmolLM2-135M-Instruct sampled at temperature 1 gets ~18% of single-digit sums right but
+# ~40% of these products (bench/arithmetic_rate.py), so most prompts get mixed rewards over G samples.
+ARITHMETIC_MAX_FACTOR = 2000
+ARITHMETIC_QUESTION = "What is {a} × {b}? Answer in the form <answer>number</answer>."
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@dataclass
+class Problem:
+    question: str  # raw question text (no chat template)
+    answer: str  # reference final answer, e.g. "18"
+
+
+@dataclass
+class PromptBatch:
+    """One rollout batch: prompts of one probe and one role, processed by one predict_step."""
+
+    probe_index: int
+    role: str  # "E": entropy batch (gives ΣX), "U": update batch (gives ΣY)
+    questions: list[str]
+    answers: list[str]
+    prompt_ids: list[int]  # index of each problem in the source pool
+    last_in_probe: bool  # True on the final batch of a probe (the module finalises the probe then)
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """The text given to the model: the tokenizer's chat template (user turn, generation prompt) when it has one, else the question."""
+    if not getattr(tokenizer, "chat_template", None):
+        return question
+    messages = [{"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def arithmetic_problems(seed: int = 0) -> list[Problem]:
+    """Every product of 1 and a number in [2, ARITHMETIC_MAX_FACTOR], both orders, shuffled by `seed`."""
+    pairs = [(a, 1) for a in range(2, ARITHMETIC_MAX_FACTOR + 1)] + [(1, b) for b in range(2, ARITHMETIC_MAX_FACTOR + 1)]
+    random.Random(seed).shuffle(pairs)
+    return [Problem(ARITHMETIC_QUESTION.format(a=a, b=b), str(a * b)) for a, b in pairs]
+
+
+def load_problems(
+    source: str = "arithmetic",
+    path: str | None = None,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    seed: int = 0,
+) -> list[Problem]:
+    """The pool of problems of a source; `seed` orders the built-in arithmetic task."""
+    check_source(source, path)
+    if source == "arithmetic":
+        return arithmetic_problems(seed)
+    if source == "jsonl":
+        dataset = datasets.load_dataset("json", data_files=path, split="train")
+    else:
+        dataset = _load_local_dataset(path)
+    problems = problems_from_dataset(dataset, question_field, answer_field, path)
+    log.info("Loaded %d problems from %s", len(problems), path)
+    return problems
+
+
+def check_source(source: str, path: str | None) -> None:
+    """Refuse an unknown source, or a file source without an existing path, before anything loads."""
+    require(source in SOURCES, f"data.source must be one of {', '.join(SOURCES)}; got {source!r}")
+    if source == "arithmetic":
+        return
+    require(path is not None, f"data.path is required for data.source={source!r}, got None: pass --data.path")
+    require(Path(path).exists(), f"data.path: no such file {path!r}")
+
+
+def _load_local_dataset(path: str) -> datasets.Dataset:
+    """A save_to_disk folder, else a data folder `datasets.load_dataset` reads offline; split "test" or the first."""
+    folder = Path(path)
+    if (folder / "dataset_dict.json").exists() or (folder / "state.json").exists():
+        loaded = datasets.load_from_disk(path)
+    else:
+        loaded = datasets.load_dataset(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        split = "test" if "test" in loaded else next(iter(loaded))
+        return loaded[split]
+    return loaded
+
+
+def problems_from_dataset(dataset: datasets.Dataset, question_field: str, answer_field: str, path: str) -> list[Problem]:
+    """Question/answer columns, else a GSM8K-style `text` column "QUESTION\\n<think>...</think>\\n<answer>X</answer>"."""
+    columns = dataset.column_names
+    if question_field in columns and answer_field in columns:
+        return [
+            Problem(str(question), final_answer(str(answer)))
+            for question, answer in zip(dataset[question_field], dataset[answer_field])
+        ]
+    require(
+        "text" in columns,
+        f"data.question_field/data.answer_field: columns {question_field!r}/{answer_field!r} not in {path!r} "
+        f"(columns found: {columns}); set them to the file's columns, or give a 'text' column in the <think>/<answer> format",
+    )
+    problems, skipped = [], []
+    for row, text in enumerate(dataset["text"]):
+        answers = _ANSWER_TAG.findall(text)
+        if "\n<think>" not in text or not answers:
+            skipped.append(row)
+            continue
+        problems.append(Problem(text.split("\n<think>", 1)[0].strip(), answers[-1].strip()))
+    if skipped:
+        log.warning("Skipped %d rows of %s without 'QUESTION\\n<think>' and <answer>: rows %s", len(skipped), path, skipped)
+    return problems
+
+
+def final_answer(answer: str) -> str:
+    """A GSM8K solution "...\\n#### 42" gives "42"; any other answer is kept as it is (stripped)."""
+    return answer.rsplit("####", 1)[1].strip() if "####" in answer else answer.strip()
+
+
+def identity_collate(batch: PromptBatch) -> PromptBatch:
+    """Each dataset item is already a whole rollout batch."""
+    return batch
+
+
+class ProbeDataModule(pl.LightningDataModule):
+    """The problem pool and, for each probe, a random draw of B_E entropy and B_U update prompts."""
+
+    def __init__(
+        self,
+        source: str = "arithmetic",
+        path: str | None = None,
+        question_field: str = "question",
+        answer_field: str = "answer",
+        B_E: int = 8,
+        B_U: int = 8,
+        num_probes: int = 1,
+        batch_config: BatchConfig | None = None,
+        seed: int = 0,
+    ):
+        super().__init__()
+        require(B_E >= 1, f"data.B_E must be >= 1, got {B_E}")
+        require(B_U >= 1, f"data.B_U must be >= 1, got {B_U}")
+        require(num_probes >= 1, f"data.num_probes must be >= 1, got {num_probes}")
+        check_source(source, path)
+        self.save_hyperparameters()
+        self.batch_config = batch_config or BatchConfig()
+        self.problems: list[Problem] = []
+        self.probe_draws: list[tuple[list[int], list[int]]] = []  # per probe: (E pool indices, U pool indices)
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        self.problems = load_problems(hp.source, hp.path, hp.question_field, hp.answer_field, hp.seed)
+        needed = hp.B_E + hp.B_U
+        if len(self.problems) < needed:
+            raise ProbeConfigError(
+                f"data.B_E + data.B_U = {needed} exceeds the {len(self.problems)} problems of {hp.path or hp.source!r}: "
+                f"lower data.B_E/data.B_U or use a larger dataset"
+            )
+        self.probe_draws = []
+        for k in range(hp.num_probes):
+            drawn = np.random.default_rng([hp.seed, k]).choice(len(self.problems), size=needed, replace=False).tolist()
+            self.probe_draws.append((drawn[: hp.B_E], drawn[hp.B_E :]))
+
+    def probe_prompts(self, k: int) -> tuple[list[Problem], list[Problem]]:
+        """The E and U problems of probe k (disjoint)."""
+        e_ids, u_ids = self.probe_draws[k]
+        return [self.problems[i] for i in e_ids], [self.problems[i] for i in u_ids]
+
+    def prompt_batches(self) -> list[PromptBatch]:
+        """All rollout batches in consumption order; each probe's final U batch has last_in_probe=True."""
+        size = self.batch_config.rollout_batch_size
+        batches = []
+        for k, (e_ids, u_ids) in enumerate(self.probe_draws):
+            for role, ids in (("E", e_ids), ("U", u_ids)):
+                for start in range(0, len(ids), size):
+                    chunk = ids[start : start + size]
+                    batches.append(
+                        PromptBatch(
+                            probe_index=k,
+                            role=role,
+                            questions=[self.problems[i].question for i in chunk],
+                            answers=[self.problems[i].answer for i in chunk],
+                            prompt_ids=chunk,
+                            last_in_probe=role == "U" and start + size >= len(ids),
+                        )
+                    )
+        return batches
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.prompt_batches(), batch_size=None, collate_fn=identity_collate, num_workers=0)

@@ -1,0 +1,170 @@
+"""The command line and the Lightning plumbing: configs, results.json, loggers, callbacks, bad input."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from enumerable_world import PROMPTS, save_world
+from lightning.pytorch.loggers import CSVLogger
+
+import train
+from callbacks import BatchInvariants, DeltaH1Logger, MemoryMonitor
+from probe_lightning.data import ProbeDataModule
+from probe_lightning.module import EntropyProbe
+from probe_lightning.sequence_processor import GenerationConfig
+
+ROOT = Path(__file__).parents[1]
+RESULT_KEYS = {
+    "delta_h1", "bars_dot", "learning_rate", "B_E", "B_U", "G", "x_norm", "y_norm", "preconditioner",
+    "use_sequence_processor", "reward_mean", "entropy_mean", "timings", "probes", "delta_h1_se",
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> str:
+    return save_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "digits.jsonl"
+    lines = [json.dumps({"question": p.question, "answer": p.answer}) for p in PROMPTS * 10]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def cli_args(world, prompts_file, tmp_path, config="configs/sp.yaml", *extra) -> list[str]:
+    return [
+        "predict", "--config", str(ROOT / config),
+        "--model.model", world, "--model.generation.max_new_tokens", "3", "--model.generation.stop_strings", "[]",
+        "--data.source", "jsonl", "--data.path", prompts_file, "--data.B_E", "4", "--data.B_U", "4",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def results_file(tmp_path: Path) -> Path:
+    (path,) = tmp_path.glob("**/results.json")
+    return path
+
+
+@pytest.mark.parametrize("config", ["configs/sp.yaml", "configs/legacy.yaml"])
+def test_predict_writes_results_json_and_logs_delta_h1(world, prompts_file, tmp_path, config):
+    train.main(cli_args(world, prompts_file, tmp_path, config))
+    results = json.loads(results_file(tmp_path).read_text())
+    assert RESULT_KEYS <= results.keys()
+    assert results["use_sequence_processor"] == (config == "configs/sp.yaml")
+    assert results["preconditioner"] == "identity" and results["B_E"] == 4 and results["B_U"] == 4
+    assert results["delta_h1"] == pytest.approx(results["learning_rate"] * results["bars_dot"])
+    assert {"generate", "teacher_force_x", "teacher_force_y"} <= results["timings"].keys()
+    assert any(key.startswith("peak_rss_mib") for key in results["memory"])
+    metrics = (results_file(tmp_path).parent / "metrics.csv").read_text()
+    assert "probe/delta_h1" in metrics and "memory/peak_rss_mib_E_batches" in metrics
+
+
+def test_a_tensorboard_logger_attached_on_the_command_line_gets_the_metrics(world, prompts_file, tmp_path):
+    train.main(
+        cli_args(world, prompts_file, tmp_path)
+        + ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", str(tmp_path)]
+    )
+    assert list(tmp_path.glob("**/events.out.tfevents.*"))
+    assert results_file(tmp_path).exists()
+
+
+class _CrashAtProbe(pl.Callback):
+    def __init__(self, probe_index):
+        self.probe_index = probe_index
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch.probe_index == self.probe_index:
+            raise RuntimeError("simulated crash")
+
+
+def _probe_and_data(world, prompts_file, num_probes):
+    probe = EntropyProbe(model=world, G=2, learning_rate=1.0, generation=GenerationConfig(max_new_tokens=3))
+    data = ProbeDataModule(source="jsonl", path=prompts_file, B_E=3, B_U=3, num_probes=num_probes)
+    return probe, data
+
+
+def _trainer(tmp_path, *callbacks) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", inference_mode=False, logger=CSVLogger(tmp_path), enable_progress_bar=False,
+        callbacks=[BatchInvariants(), DeltaH1Logger(), MemoryMonitor(), *callbacks],
+    )  # fmt: skip
+
+
+def test_repeated_probes_give_one_row_each_and_their_mean(world, prompts_file, tmp_path):
+    probe, data = _probe_and_data(world, prompts_file, num_probes=3)
+    _trainer(tmp_path).predict(probe, datamodule=data, return_predictions=False)
+    results = json.loads(results_file(tmp_path).read_text())
+    rows = results["probes"]
+    assert [row["probe_index"] for row in rows] == [0, 1, 2]
+    assert len({row["delta_h1"] for row in rows}) == 3, "independent probes give different values"
+    assert results["delta_h1"] == pytest.approx(sum(row["delta_h1"] for row in rows) / 3)
+    assert results["delta_h1_mean_se"] > 0 and results["num_probes"] == 3
+
+
+def test_a_crash_keeps_the_probes_that_finished(world, prompts_file, tmp_path):
+    probe, data = _probe_and_data(world, prompts_file, num_probes=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _trainer(tmp_path, _CrashAtProbe(2)).predict(probe, datamodule=data, return_predictions=False)
+    rows = json.loads(results_file(tmp_path).read_text())["probes"]
+    assert [row["probe_index"] for row in rows] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.B_E", "0"], "data.B_E must be >= 1, got 0"),
+        (["--model.G", "0"], "model.G must be >= 1, got 0"),
+        (["--model.generation.top_p", "1.5"], r"generation.top_p must be in \(0, 1\], got 1.5"),
+        (["--model.generation.temperature", "0"], "generation.temperature must be > 0, got 0"),
+        (["--data.path", "/nonexistent/x.jsonl"], "data.path.*/nonexistent/x.jsonl"),
+        (["--model.optimizer_state", "/nonexistent/opt.pt"], "model.optimizer_state: no such file"),
+        (["--trainer.inference_mode", "true"], "trainer.inference_mode: false"),
+    ],
+)
+def test_bad_input_stops_with_a_one_line_error_naming_the_field(world, prompts_file, tmp_path, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", *extra))
+    text = str(exit_info.value.code)
+    assert "\n" not in text
+    assert text.startswith("error: ")
+    assert re.search(message, text), text
+
+
+def test_a_prompt_longer_than_the_context_is_refused(world, tmp_path):
+    long_file = tmp_path / "long.jsonl"
+    long_file.write_text("\n".join(json.dumps({"question": "1 " * 70, "answer": "1"}) for _ in range(8)) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(cli_args(world, str(long_file), tmp_path))
+    assert "model's context of 64 tokens" in str(exit_info.value.code)
+
+
+def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(world, prompts_file, tmp_path):
+    state_path = tmp_path / "opt.pt"
+    params = [torch.nn.Parameter(torch.zeros(3, 3))]
+    optimizer = torch.optim.AdamW(params)
+    params[0].grad = torch.ones(3, 3)
+    optimizer.step()
+    torch.save(optimizer.state_dict(), state_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--model.optimizer_state", str(state_path)))
+    assert "has 1 entries" in str(exit_info.value.code) and "trainable parameters" in str(exit_info.value.code)
+
+
+def test_print_config_shows_the_seed_keys():
+    out = subprocess.run(
+        [sys.executable, "train.py", "predict", "--config", "configs/sp.yaml", "--print_config"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for key in ("use_sequence_processor:", "top_p:", "temperature:", "max_new_tokens:", "gen_batch_size:",
+                "tf_batch_size:", "rollout_batch_size:", "B_E:", "B_U:", "G:", "learning_rate:",
+                "weighting_mode:", "optimizer_state:", "inference_mode: false"):  # fmt: skip
+        assert key in out

@@ -1,0 +1,277 @@
+"""The probe against exact answers in the enumerable world (tests/enumerable_world.py).
+
+Every probe here runs the LightningModule's own predict_step; only the ground truth is computed
+independently, by summing over all V**T responses.
+"""
+
+import functools
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from enumerable_world import PROMPTS, exact_delta_h1, exact_prompt, save_world
+
+from probe_lightning.data import PromptBatch
+from probe_lightning.module import EntropyProbe
+from probe_lightning.sequence_processor import GenerationConfig
+
+# Same prompts in E and U (their responses are sampled independently); only the output layer is
+# trainable, which keeps the noise of ⟨X̄, Ȳ⟩ low enough for tests with power. Without a baseline
+# (G_E = 1) X is much noisier: that design takes many prompts with one response each.
+ENTROPY_PROMPTS = {4: PROMPTS * 8, 1: PROMPTS * 96}
+UPDATE_PROMPTS = PROMPTS * 12
+NUM_PROBES = {4: 200, 1: 300}
+TRAINABLE = ("lm_head",)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than they save, badly so on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> str:
+    return save_world(tmp_path_factory.mktemp("world"))
+
+
+def make_probe(world: str, tf_batch_size: int = 256, **hparams) -> EntropyProbe:
+    hparams = {"G": 4, "learning_rate": 1.0, **hparams}
+    generation = GenerationConfig(max_new_tokens=3, tf_batch_size=tf_batch_size, gen_batch_size=256)
+    probe = EntropyProbe(model=world, generation=generation, **hparams)
+    probe.configure_model()
+    for name, param in probe.policy.named_parameters():
+        param.requires_grad_(name.startswith(TRAINABLE))
+    probe.on_predict_start()
+    return probe
+
+
+def prompt_batches(probe_index, entropy_prompts, update_prompts, rollout_batch_size):
+    """The DataModule's batch order: E batches, then U batches, the last one closing the probe."""
+    batches = []
+    for role, prompts in (("E", entropy_prompts), ("U", update_prompts)):
+        for start in range(0, len(prompts), rollout_batch_size):
+            chunk = prompts[start : start + rollout_batch_size]
+            batches.append(
+                PromptBatch(
+                    probe_index=probe_index,
+                    role=role,
+                    questions=[p.question for p in chunk],
+                    answers=[p.answer for p in chunk],
+                    prompt_ids=list(range(start, start + len(chunk))),
+                    last_in_probe=False,
+                )
+            )
+    batches[-1] = replace(batches[-1], last_in_probe=True)
+    return batches
+
+
+def run_probes(probe: EntropyProbe, num_probes: int, entropy_prompts=ENTROPY_PROMPTS[4], rollout_batch_size=256):
+    """(per-probe results, per-probe X̄, per-probe Ȳ)."""
+    x_bars, y_bars = [], []
+    for k in range(num_probes):
+        for batch in prompt_batches(k, entropy_prompts, UPDATE_PROMPTS, rollout_batch_size):
+            probe.predict_step(batch)
+        x_bars.append([x.double() for x in probe.x_bar])
+        y_bars.append([y.double() for y in probe.y_bar])
+    return probe.results, x_bars, y_bars
+
+
+@functools.cache
+def exact_world(world: str, G: int):
+    probe = make_probe(world)
+    tokenizer = probe.processor.tokenizer
+    exact = [exact_prompt(probe.policy, tokenizer, p) for p in PROMPTS]
+    return exact_delta_h1(exact, exact, G, 1.0)  # E and U repeat PROMPTS evenly: the same means
+
+
+@functools.cache
+def probes(world: str, weighting_mode: str, G_E: int):
+    torch.manual_seed(1234)
+    probe = make_probe(world, G_E=G_E, weighting_mode=weighting_mode)
+    return run_probes(probe, NUM_PROBES[G_E], ENTROPY_PROMPTS[G_E])
+
+
+def z_score(values: torch.Tensor, exact: float) -> tuple[float, float]:
+    """(|mean - exact| / SE of the mean, SE of the mean)."""
+    se = values.std().item() / math.sqrt(len(values))
+    return abs(values.mean().item() - exact) / se, se
+
+
+def project(vectors: list[list[torch.Tensor]], directions: list[torch.Tensor]) -> torch.Tensor:
+    """[num_probes, num_directions] projections of flattened parameter vectors."""
+    flat = torch.stack([torch.cat([v.flatten() for v in vector]) for vector in vectors])
+    return flat @ torch.stack(directions).T
+
+
+# With fixed-length responses dr_grpo and budget are the same estimator (L_max = max_new_tokens = T),
+# so dr_grpo, the default, runs once.
+@pytest.mark.parametrize(
+    ("weighting_mode", "G_E"), [("budget", 1), ("budget", 4), ("per_token_avg", 1), ("per_token_avg", 4), ("dr_grpo", 4)]
+)
+def test_delta_h1_is_unbiased(world, weighting_mode, G_E):
+    exact, _, _ = exact_world(world, G=4)
+    results, _, _ = probes(world, weighting_mode, G_E)
+    values = torch.tensor([r.delta_h1 for r in results], dtype=torch.float64)
+    z, se = z_score(values, exact)
+    assert se < 0.1 * abs(exact), f"the test has no power: SE {se:.3g} vs exact {exact:.3g}"
+    assert z < 3, f"mean {values.mean():.5g} vs exact {exact:.5g}: {z:.2f} SE apart"
+
+
+@pytest.mark.parametrize("G_E", [1, 4])
+@pytest.mark.parametrize("weighting_mode", ["budget", "per_token_avg"])
+def test_x_bar_and_y_bar_are_unbiased_along_fixed_directions(world, weighting_mode, G_E):
+    """E[X̄] = ∇H̄ and E[Ȳ] = (1 - 1/G) ∇E[r]/T: z-tests along the exact vector (where a wrong factor
+    or sign shows most, and the test must have power) and along two random directions."""
+    _, grad_h, expected_y = exact_world(world, G=4)
+    _, x_bars, y_bars = probes(world, weighting_mode, G_E)
+    generator = torch.Generator().manual_seed(0)
+    size = sum(g.numel() for g in grad_h)
+    random_directions = [torch.randn(size, generator=generator, dtype=torch.float64) for _ in range(2)]
+    for estimates, exact in ((x_bars, grad_h), (y_bars, expected_y)):
+        exact_flat = torch.cat([e.flatten() for e in exact])
+        directions = [exact_flat / exact_flat.norm(), *random_directions]
+        projections = project(estimates, directions)
+        exact_projections = project([exact], directions)[0]
+        for i, (column, target) in enumerate(zip(projections.T, exact_projections)):
+            z, se = z_score(column, target.item())
+            if i == 0:
+                assert se < 0.1 * abs(target.item()), f"no power: SE {se:.3g} vs {target:.3g}"
+            assert z < 3.5, f"direction {i}: mean {column.mean():.5g} vs exact {target:.5g}: {z:.2f} SE apart"
+
+
+def test_standard_error_intervals_cover_the_exact_value_95_percent_of_the_time(world):
+    exact, _, _ = exact_world(world, G=4)
+    results, _, _ = probes(world, "dr_grpo", 4)
+    covered = [abs(r.delta_h1 - exact) <= 1.96 * r.delta_h1_se for r in results]
+    coverage = sum(covered) / len(covered)
+    assert 0.90 <= coverage <= 0.99, f"coverage {coverage:.3f} over {len(covered)} probes"
+
+
+def test_update_prompt_contributions_sum_to_delta_h1(world):
+    results, _, _ = probes(world, "dr_grpo", 4)
+    for result in results[:10]:
+        contributions = result.update_prompt_contributions.values()
+        assert len(contributions) == len(UPDATE_PROMPTS)
+        # Exact in real arithmetic; float32 forward-mode against float32 gradients in practice.
+        assert abs(sum(contributions) - result.delta_h1) <= 1e-5 * sum(abs(c) for c in contributions)
+
+
+def _rollouts(probe: EntropyProbe, seed: int = 7):
+    torch.manual_seed(seed)
+    batches = prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=8)
+    return [probe.make_rollout(batch) for batch in batches]
+
+
+def _sums(probe: EntropyProbe, rollouts) -> list[torch.Tensor]:
+    probe.sums = probe._empty_sums()
+    for rollout in rollouts:
+        probe.accumulate(rollout)
+    return [torch.cat([s.flatten() for s in probe.sums.sum_x]), torch.cat([s.flatten() for s in probe.sums.sum_y])]
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _per_sample_sums(probe: EntropyProbe, rollouts) -> list[torch.Tensor]:
+    """ΣX and ΣY by autograd of each response's own S(y), in float64, one response at a time."""
+    model = probe.policy.double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = {"E": [torch.zeros_like(p) for p in params], "U": [torch.zeros_like(p) for p in params]}
+    try:
+        for rollout in rollouts:
+            batch, P = rollout.batch, rollout.batch.prompt_len
+            for b in range(batch.num_prompts):
+                G = batch.num_responses_per_prompt
+                scores, grads = [], []
+                for g in range(G):
+                    mask = batch.attention_masks[b, g]
+                    ids = batch.sequences[b, g][mask.bool()]
+                    prompt_tokens = int(mask[:P].sum())
+                    logits = model(input_ids=ids[None]).logits[0, prompt_tokens - 1 : -1]
+                    s = logits.log_softmax(-1).gather(-1, ids[prompt_tokens:, None]).sum()
+                    scores.append(s.item())
+                    grads.append(torch.autograd.grad(s, params))
+                scores = torch.tensor(scores, dtype=torch.float64)
+                if rollout.role == "E":  # fixed length: S_w = S / T in every mode
+                    weighted = scores / 3
+                    baseline = (weighted.sum() - weighted) / (G - 1)
+                    weights = -(weighted - baseline) / G
+                else:
+                    weights = rollout.advantages[b].double() / rollout.max_lengths[b].double() / G
+                for total, *per_response in zip(sums[rollout.role], *grads):
+                    total += sum(w * grad for w, grad in zip(weights, per_response))
+    finally:
+        probe.policy.float()
+    return [torch.cat([s.flatten() for s in sums[role]]) for role in ("E", "U")]
+
+
+def test_sums_equal_per_sample_autograd_on_fixed_samples(world):
+    probe = make_probe(world)
+    rollouts = _rollouts(probe)
+    assert any(r.rewards.sum() > 0 for r in rollouts if r.role == "U"), "no reward: ΣY would be 0"
+    for probe_sum, reference in zip(_sums(probe, rollouts), _per_sample_sums(probe, rollouts)):
+        assert reference.norm() > 0
+        assert _relative_error(probe_sum, reference) < 1e-6
+
+
+def _left_pad(rollout, extra: int):
+    """The same rollout with `extra` more padding columns in front of every prompt."""
+    batch = rollout.batch
+    B, G, _ = batch.sequences.shape
+    padded = replace(
+        batch,
+        sequences=torch.cat([torch.zeros(B, G, extra, dtype=torch.long), batch.sequences], dim=2),
+        attention_masks=torch.cat([torch.zeros(B, G, extra, dtype=torch.long), batch.attention_masks], dim=2),
+        prompt_lens=[n + extra for n in batch.prompt_lens],
+    )
+    return replace(rollout, batch=padded)
+
+
+def test_sums_do_not_depend_on_microbatches_rollout_batches_or_left_padding(world):
+    probe = make_probe(world)
+    rollouts = _rollouts(probe)
+    reference = _sums(probe, rollouts)
+    one_prompt_microbatches = _sums(make_probe(world, tf_batch_size=4), rollouts)
+    halves = [half for r in rollouts for half in (r.select(slice(0, 3)), r.select(slice(3, None)))]
+    more_padding = [_left_pad(r, 5) for r in rollouts]
+    for variant in (one_prompt_microbatches, _sums(probe, halves), _sums(probe, more_padding)):
+        for got, expected in zip(variant, reference):
+            assert _relative_error(got, expected) < 1e-6
+
+
+def test_exact_entropy_change_matches_delta_h1_to_first_order(world):
+    """ΔH(η) - δH₁(η) shrinks like η² in the exact world: the probe's target is the right derivative."""
+    probe = make_probe(world)
+    tokenizer = probe.processor.tokenizer
+    exact, grad_h, expected_y = exact_world(world, G=4)
+    trainable = [p for p in probe.policy.parameters() if p.requires_grad]
+    original = [p.detach().clone() for p in trainable]
+
+    def mean_entropy() -> float:
+        return sum(exact_prompt(probe.policy, tokenizer, p).entropy for p in PROMPTS) / len(PROMPTS)
+
+    h0 = mean_entropy()
+    gaps = []
+    for eta in (0.1, 0.05):
+        with torch.no_grad():
+            for param, start, step in zip(trainable, original, expected_y):
+                param.copy_(start + eta * step.float())
+        gaps.append(mean_entropy() - h0 - eta * exact)
+    with torch.no_grad():
+        for param, start in zip(trainable, original):
+            param.copy_(start)
+    assert abs(gaps[1]) < 0.05 * abs(0.05 * exact), "at η = 0.05 the first-order term should dominate"
+    assert gaps[0] / gaps[1] == pytest.approx(4, rel=0.15), f"gap ratio {gaps[0] / gaps[1]:.2f}, expected ~4 (η²)"
+
+
+def test_update_batch_with_one_response_per_prompt_gives_zero(world):
+    probe = make_probe(world, G=1)
+    results, _, _ = run_probes(probe, 1)
+    assert results[0].delta_h1 == 0.0
+    assert any("G = 1" in note for note in probe.info.notes)

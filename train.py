@@ -1,0 +1,20 @@
+"""The probe's command line: `python train.py predict --config configs/sp.yaml` (LightningCLI)."""
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from probe_lightning.config import ProbeConfigError
+from probe_lightning.data import ProbeDataModule
+from probe_lightning.module import EntropyProbe
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        LightningCLI(EntropyProbe, ProbeDataModule, args=args, save_config_kwargs={"overwrite": True})
+    except ProbeConfigError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
