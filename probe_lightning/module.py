@@ -209,7 +209,9 @@ class EntropyProbe(pl.LightningModule):
         if learning_rate == 0:
             log.warning("η = 0 (from %s): δH₁ is 0 by construction, e.g. at the end of a linear decay", source)
         self.geometry = UpdateGeometry.build(
-            self.hparams.update, learning_rate, None if states is None else [s.to(self.device) for s in states]
+            self.hparams["update"],  # not hparams.update: that is dict.update
+            learning_rate,
+            None if states is None else [s.to(self.device) for s in states],
         )
         ckpt = self.loaded_checkpoint
         self.info = RunInfo(
@@ -369,7 +371,8 @@ class EntropyProbe(pl.LightningModule):
             result.delta_h1_se = estimators.plugin_standard_error(a_e, b_u, scale)
             contributions = (scale * b_u / B_U).tolist()
             result.update_prompt_contributions = dict(zip(update_ids, contributions))
-        self.x_bar, self.y_bar = x_bar, y_bar  # the last probe's, e.g. for the step θ + η Ȳ
+        # The last probe's vectors, e.g. for the real step θ + Δθ(η) of an η sweep.
+        self.x_bar, self.y_bar, self.grad_j = x_bar, y_bar, grad_j
         self.sums = self._empty_sums()
         return result
 
