@@ -168,3 +168,10 @@ def test_print_config_shows_the_seed_keys():
                 "tf_batch_size:", "rollout_batch_size:", "B_E:", "B_U:", "G:", "learning_rate:",
                 "weighting_mode:", "optimizer_state:", "inference_mode: false"):  # fmt: skip
         assert key in out
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_lightning_precision_flags_work_unchanged(world, prompts_file, tmp_path, precision):
+    train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--trainer.precision", precision))
+    results = json.loads(results_file(tmp_path).read_text())
+    assert results["x_norm"] > 0 and torch.isfinite(torch.tensor(results["delta_h1"]))
