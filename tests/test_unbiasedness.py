@@ -5,6 +5,7 @@ independently, by summing over all V**T responses.
 """
 
 import functools
+import logging
 import math
 from dataclasses import replace
 
@@ -22,6 +23,7 @@ from probe_lightning.sequence_processor import GenerationConfig
 ENTROPY_PROMPTS = {4: PROMPTS * 8, 1: PROMPTS * 96}
 UPDATE_PROMPTS = PROMPTS * 12
 NUM_PROBES = {4: 200, 1: 300}
+log = logging.getLogger(__name__)  # the measured numbers: pytest --log-cli-level=INFO
 TRAINABLE = ("lm_head",)
 
 
@@ -118,6 +120,8 @@ def test_delta_h1_is_unbiased(world, weighting_mode, G_E):
     results, _, _ = probes(world, weighting_mode, G_E)
     values = torch.tensor([r.delta_h1 for r in results], dtype=torch.float64)
     z, se = z_score(values, exact)
+    log.info("%s G_E=%d: exact δH₁ %.5g, mean %.5g ± %.2g over %d probes (z=%.2f)",
+             weighting_mode, G_E, exact, values.mean(), se, len(values), z)  # fmt: skip
     assert se < 0.1 * abs(exact), f"the test has no power: SE {se:.3g} vs exact {exact:.3g}"
     assert z < 3, f"mean {values.mean():.5g} vs exact {exact:.5g}: {z:.2f} SE apart"
 
@@ -149,6 +153,7 @@ def test_standard_error_intervals_cover_the_exact_value_95_percent_of_the_time(w
     results, _, _ = probes(world, "dr_grpo", 4)
     covered = [abs(r.delta_h1 - exact) <= 1.96 * r.delta_h1_se for r in results]
     coverage = sum(covered) / len(covered)
+    log.info("95%% intervals covered the exact δH₁ in %.3f of %d probes", coverage, len(covered))
     assert 0.90 <= coverage <= 0.99, f"coverage {coverage:.3f} over {len(covered)} probes"
 
 
