@@ -1,7 +1,7 @@
 """EntropyProbe: the LightningModule that turns prompt batches into ΣX, ΣY and δH₁ (MATH.md).
 
 One probe = the E batches (entropy gradient X), then the U batches (update direction ∇J), then
-finish_probe(): X̄ = ΣX / B_E, Ȳ = P ⊙ ΣY / B_U, δH₁ = η ⟨X̄, Ȳ⟩.
+finish_probe(): X̄ = ΣX / B_E, Ȳ = P ⊙ ΣY / B_U, δH₁ = η ⟨X̄, Ȳ⟩ (or Ȳ = Δθ, the exact AdamW step).
 """
 
 import logging
@@ -270,8 +270,7 @@ class EntropyProbe(pl.LightningModule):
         rollout = self.make_rollout(batch)
         seq_logprobs, token_entropies = self.accumulate(rollout)
         if batch.last_in_probe:
-            with self.timed("finish_probe"):
-                self.results.append(self.finish_probe(batch.probe_index))
+            self.results.append(self.finish_probe(batch.probe_index))
         return StepOutput(rollout, seq_logprobs, token_entropies)
 
     def make_rollout(self, batch: PromptBatch) -> Rollout:
@@ -343,15 +342,16 @@ class EntropyProbe(pl.LightningModule):
         sums.num_tokens += int(rollout.batch.response_mask.sum().item())
 
     def finish_probe(self, probe_index: int) -> ProbeResult:
-        """X̄ = ΣX / B_E, Ȳ = P ⊙ ΣY / B_U, δH₁ = η ⟨X̄, Ȳ⟩ (float64), then reset the sums."""
+        """X̄ = ΣX / B_E, Ȳ from ∇J̄ = ΣY / B_U by the update geometry, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64)."""
         sums = self.sums
         B_E, B_U = sums.num_entropy_prompts, sums.num_update_prompts
         require(B_E > 0 and B_U > 0, f"probe {probe_index} ended with B_E={B_E}, B_U={B_U}: both must be >= 1")
         params = [p for _, p in self.named_params]
-        x_bar = [s / B_E for s in sums.sum_x]
-        grad_j = [s / B_U for s in sums.sum_y]
-        y_bar = self.geometry.step_direction(grad_j, params)
-        bars_dot = estimators.dot(x_bar, y_bar)
+        with self.timed("finish_probe"):
+            x_bar = [s / B_E for s in sums.sum_x]
+            grad_j = [s / B_U for s in sums.sum_y]
+            y_bar = self.geometry.step_direction(grad_j, params)
+            bars_dot = estimators.dot(x_bar, y_bar)
         scale = self.geometry.scale
         result = ProbeResult(
             probe_index=probe_index,
