@@ -35,7 +35,8 @@ def main(num_prompts: int = 64, samples: int = 4, prompts_per_call: int = 16, se
             )  # fmt: skip
         texts = tokenizer.batch_decode(output[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
         for i, problem in enumerate(chunk):
-            rewards.append([correctness_reward(text, problem.answer) for text in texts[i * samples : (i + 1) * samples]])
+            responses = texts[i * samples : (i + 1) * samples]
+            rewards.append([correctness_reward(text, problem.answer) for text in responses])
     correct = sum(map(sum, rewards)) / (num_prompts * samples)
     mixed = sum(0 < sum(r) < samples for r in rewards) / num_prompts
     print(f"{num_prompts} prompts x {samples} samples in {time.perf_counter() - start:.0f} s")

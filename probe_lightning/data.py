@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("arithmetic", "jsonl", "hf")
 # The arithmetic task multiplies a number in [2, ARITHMETIC_MAX_FACTOR] by 1, in either order.
-# Why so easy: SmolLM2-135M-Instruct sampled at temperature 1 gets ~18% of single-digit sums right but
-# ~40% of these products (bench/arithmetic_rate.py), so most prompts get mixed rewards over G samples.
-ARITHMETIC_MAX_FACTOR = 2000
-ARITHMETIC_QUESTION = "What is {a} × {b}? Answer in the form <answer>number</answer>."
+# Why so easy: SmolLM2-135M-Instruct sampled at temperature 1 (top_p 1) gets under 20% of single-digit sums
+# right, but 36% of these products, with 78% of prompts mixed over 4 samples (bench/arithmetic_rate.py),
+# so most groups have non-zero advantages.
+ARITHMETIC_MAX_FACTOR = 999
+ARITHMETIC_QUESTION = "Answer in the form <answer>number</answer>. What is {a} × {b}?"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -48,7 +49,7 @@ class PromptBatch:
 
 
 def format_prompt(tokenizer, question: str) -> str:
-    """The text given to the model: the tokenizer's chat template (user turn, generation prompt) when it has one, else the question."""
+    """The model's input: the chat template (user turn + generation prompt) if there is one, else the question."""
     if not getattr(tokenizer, "chat_template", None):
         return question
     messages = [{"role": "user", "content": question}]
@@ -57,7 +58,8 @@ def format_prompt(tokenizer, question: str) -> str:
 
 def arithmetic_problems(seed: int = 0) -> list[Problem]:
     """Every product of 1 and a number in [2, ARITHMETIC_MAX_FACTOR], both orders, shuffled by `seed`."""
-    pairs = [(a, 1) for a in range(2, ARITHMETIC_MAX_FACTOR + 1)] + [(1, b) for b in range(2, ARITHMETIC_MAX_FACTOR + 1)]
+    factors = range(2, ARITHMETIC_MAX_FACTOR + 1)
+    pairs = [(a, 1) for a in factors] + [(1, b) for b in factors]
     random.Random(seed).shuffle(pairs)
     return [Problem(ARITHMETIC_QUESTION.format(a=a, b=b), str(a * b)) for a, b in pairs]
 
@@ -88,7 +90,8 @@ def check_source(source: str, path: str | None) -> None:
     if source == "arithmetic":
         return
     require(path is not None, f"data.path is required for data.source={source!r}, got None: pass --data.path")
-    require(Path(path).exists(), f"data.path: no such file {path!r}")
+    kind = "file" if source == "jsonl" else "folder"
+    require(Path(path).exists(), f"data.path: no such {kind} {path!r}")
 
 
 def _load_local_dataset(path: str) -> datasets.Dataset:
@@ -104,8 +107,10 @@ def _load_local_dataset(path: str) -> datasets.Dataset:
     return loaded
 
 
-def problems_from_dataset(dataset: datasets.Dataset, question_field: str, answer_field: str, path: str) -> list[Problem]:
-    """Question/answer columns, else a GSM8K-style `text` column "QUESTION\\n<think>...</think>\\n<answer>X</answer>"."""
+def problems_from_dataset(
+    dataset: datasets.Dataset, question_field: str, answer_field: str, path: str
+) -> list[Problem]:
+    """Question/answer columns, else a GSM8K `text` column "QUESTION\\n<think>...</think>\\n<answer>X</answer>"."""
     columns = dataset.column_names
     if question_field in columns and answer_field in columns:
         return [
@@ -115,7 +120,8 @@ def problems_from_dataset(dataset: datasets.Dataset, question_field: str, answer
     require(
         "text" in columns,
         f"data.question_field/data.answer_field: columns {question_field!r}/{answer_field!r} not in {path!r} "
-        f"(columns found: {columns}); set them to the file's columns, or give a 'text' column in the <think>/<answer> format",
+        f"(columns found: {columns}); set them to the file's columns, "
+        f"or give a 'text' column in the <think>/<answer> format",
     )
     problems, skipped = [], []
     for row, text in enumerate(dataset["text"]):
@@ -125,7 +131,9 @@ def problems_from_dataset(dataset: datasets.Dataset, question_field: str, answer
             continue
         problems.append(Problem(text.split("\n<think>", 1)[0].strip(), answers[-1].strip()))
     if skipped:
-        log.warning("Skipped %d rows of %s without 'QUESTION\\n<think>' and <answer>: rows %s", len(skipped), path, skipped)
+        log.warning(
+            "Skipped %d rows of %s without 'QUESTION\\n<think>' and <answer>: rows %s", len(skipped), path, skipped
+        )
     return problems
 
 
@@ -151,7 +159,7 @@ class ProbeDataModule(pl.LightningDataModule):
         B_E: int = 8,
         B_U: int = 8,
         num_probes: int = 1,
-        batch_config: BatchConfig | None = None,
+        batch_config: BatchConfig = BatchConfig(),
         seed: int = 0,
     ):
         super().__init__()
@@ -160,7 +168,7 @@ class ProbeDataModule(pl.LightningDataModule):
         require(num_probes >= 1, f"data.num_probes must be >= 1, got {num_probes}")
         check_source(source, path)
         self.save_hyperparameters()
-        self.batch_config = batch_config or BatchConfig()
+        self.batch_config = batch_config
         self.problems: list[Problem] = []
         self.probe_draws: list[tuple[list[int], list[int]]] = []  # per probe: (E pool indices, U pool indices)
 
@@ -170,8 +178,8 @@ class ProbeDataModule(pl.LightningDataModule):
         needed = hp.B_E + hp.B_U
         if len(self.problems) < needed:
             raise ProbeConfigError(
-                f"data.B_E + data.B_U = {needed} exceeds the {len(self.problems)} problems of {hp.path or hp.source!r}: "
-                f"lower data.B_E/data.B_U or use a larger dataset"
+                f"data.B_E + data.B_U = {needed} exceeds the {len(self.problems)} problems of "
+                f"{hp.path or hp.source!r}: lower data.B_E/data.B_U or use a larger dataset"
             )
         self.probe_draws = []
         for k in range(hp.num_probes):

@@ -122,6 +122,7 @@ def test_a_crash_keeps_the_probes_that_finished(world, prompts_file, tmp_path):
     ("extra", "message"),
     [
         (["--data.B_E", "0"], "data.B_E must be >= 1, got 0"),
+        (["--data.batch_config.rollout_batch_size", "0"], "batch_config.rollout_batch_size must be >= 1, got 0"),
         (["--model.G", "0"], "model.G must be >= 1, got 0"),
         (["--model.generation.top_p", "1.5"], r"generation.top_p must be in \(0, 1\], got 1.5"),
         (["--model.generation.temperature", "0"], "generation.temperature must be > 0, got 0"),

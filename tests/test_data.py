@@ -1,0 +1,240 @@
+"""The problem pool, the per-probe E/U draws, the rollout batches, and the errors for bad data input."""
+
+import json
+import re
+from pathlib import Path
+
+import datasets
+import pytest
+from jsonargparse import ArgumentParser
+
+from probe_lightning.config import BatchConfig, ProbeConfigError
+from probe_lightning.data import (
+    ARITHMETIC_MAX_FACTOR,
+    Problem,
+    ProbeDataModule,
+    PromptBatch,
+    format_prompt,
+    load_problems,
+)
+from probe_lightning.rewards import correctness_reward
+
+GSM8K = Path(__file__).parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
+
+
+def datamodule(**kwargs) -> ProbeDataModule:
+    data = ProbeDataModule(**kwargs)
+    data.setup("predict")
+    return data
+
+
+def batch_shape(batch: PromptBatch) -> tuple:
+    return batch.probe_index, batch.role, len(batch.questions), batch.last_in_probe
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> str:
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(5)]
+    rows.append({"question": "How many?", "answer": "She has 40 + 2 = 42.\n#### 42"})
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+# The built-in arithmetic pool
+
+
+def test_the_arithmetic_pool_holds_every_product_with_one_once():
+    problems = load_problems("arithmetic")
+    assert len(problems) == 2 * (ARITHMETIC_MAX_FACTOR - 1)
+    assert len({problem.question for problem in problems}) == len(problems)
+
+
+def test_arithmetic_answers_are_the_products():
+    problem = next(p for p in load_problems("arithmetic") if "What is 1 × 37?" in p.question)
+    assert problem.answer == "37"
+    assert correctness_reward("<answer>37</answer>", problem.answer) == 1.0
+
+
+def test_arithmetic_questions_ask_for_answer_tags():
+    assert all("<answer>" in p.question and "</answer>" in p.question for p in load_problems("arithmetic"))
+
+
+def test_the_arithmetic_pool_order_is_fixed_by_the_seed():
+    assert load_problems("arithmetic", seed=3) == load_problems("arithmetic", seed=3)
+    assert load_problems("arithmetic", seed=3) != load_problems("arithmetic", seed=4)
+
+
+# Per-probe draws
+
+
+def test_draws_are_deterministic_under_the_seed():
+    first = datamodule(B_E=4, B_U=4, num_probes=3, seed=7)
+    second = datamodule(B_E=4, B_U=4, num_probes=3, seed=7)
+    assert first.probe_draws == second.probe_draws
+    assert datamodule(B_E=4, B_U=4, num_probes=3, seed=8).probe_draws != first.probe_draws
+
+
+def test_each_probe_draws_b_e_and_b_u_disjoint_problems():
+    data = datamodule(B_E=5, B_U=3, num_probes=4)
+    for k in range(4):
+        e_problems, u_problems = data.probe_prompts(k)
+        e_ids, u_ids = data.probe_draws[k]
+        assert (len(e_problems), len(u_problems)) == (5, 3)
+        assert len(set(e_ids) | set(u_ids)) == 8
+
+
+def test_probes_draw_independently():
+    data = datamodule(B_E=4, B_U=4, num_probes=2)
+    assert data.probe_draws[0] != data.probe_draws[1]
+
+
+def test_a_probe_draw_does_not_depend_on_the_number_of_probes():
+    assert datamodule(num_probes=1).probe_draws[0] == datamodule(num_probes=3).probe_draws[0]
+
+
+# Rollout batches
+
+
+def test_batches_come_probe_by_probe_e_before_u_with_the_last_u_batch_flagged():
+    data = datamodule(B_E=4, B_U=4, num_probes=2, batch_config=BatchConfig(rollout_batch_size=4))
+    assert [batch_shape(b) for b in data.predict_dataloader()] == [
+        (0, "E", 4, False), (0, "U", 4, True), (1, "E", 4, False), (1, "U", 4, True),
+    ]  # fmt: skip
+
+
+def test_rollout_batch_size_chunks_each_role_with_a_remainder_batch():
+    data = datamodule(B_E=5, B_U=3, batch_config=BatchConfig(rollout_batch_size=2))
+    assert [batch_shape(b) for b in data.predict_dataloader()] == [
+        (0, "E", 2, False), (0, "E", 2, False), (0, "E", 1, False), (0, "U", 2, False), (0, "U", 1, True),
+    ]  # fmt: skip
+
+
+def test_batches_carry_the_drawn_problems_and_their_pool_indices():
+    data = datamodule(B_E=3, B_U=2, batch_config=BatchConfig(rollout_batch_size=8))
+    e_batch, u_batch = list(data.predict_dataloader())
+    e_problems, u_problems = data.probe_prompts(0)
+    assert e_batch.prompt_ids == data.probe_draws[0][0] and u_batch.prompt_ids == data.probe_draws[0][1]
+    assert [Problem(q, a) for q, a in zip(e_batch.questions, e_batch.answers)] == e_problems
+    assert [Problem(q, a) for q, a in zip(u_batch.questions, u_batch.answers)] == u_problems
+
+
+def test_the_datamodule_saves_its_hyperparameters():
+    data = ProbeDataModule(B_E=3, num_probes=2, seed=5)
+    assert (data.hparams.B_E, data.hparams.num_probes, data.hparams.seed) == (3, 2, 5)
+
+
+def test_jsonargparse_builds_the_batch_config_from_a_nested_dict():
+    parser = ArgumentParser()
+    parser.add_class_arguments(ProbeDataModule, "data")
+    config = parser.parse_object({"data": {"B_E": 2, "batch_config": {"rollout_batch_size": 4}}})
+    data = parser.instantiate_classes(config).data
+    assert data.batch_config == BatchConfig(rollout_batch_size=4) and data.hparams.B_E == 2
+
+
+def test_batch_config_defaults_when_not_given():
+    assert ProbeDataModule().batch_config == BatchConfig()
+
+
+# File sources
+
+
+def test_gsm8k_jsonl_loads_every_problem_with_a_question(caplog):
+    if not GSM8K.exists():
+        pytest.skip(f"GSM8K test data not found at {GSM8K} (shared/data/gsm8k_test.jsonl next to the repo)")
+    problems = load_problems("jsonl", str(GSM8K))
+    first_text = json.loads(GSM8K.read_text().splitlines()[0])["text"]
+    # Row 861 of the file holds only a solution (no question, no <think>): it is skipped with a warning.
+    assert len(problems) == 1318
+    assert "rows [861]" in caplog.text
+    assert problems[0] == Problem(first_text.split("\n<think>")[0], "18")
+    assert problems[0].question.startswith("Janet’s ducks lay 16 eggs per day.")
+    assert problems[0].question.endswith("How much in dollars does she make every day at the farmers' market?")
+
+
+def test_question_answer_jsonl_takes_the_number_after_hashes_as_the_answer(qa_file):
+    problems = load_problems("jsonl", qa_file)
+    assert problems[0] == Problem("What is 0 + 1?", "1")
+    assert problems[-1] == Problem("How many?", "42")
+
+
+def test_custom_column_names_are_read(tmp_path):
+    path = tmp_path / "custom.jsonl"
+    path.write_text(json.dumps({"prompt": "2 + 2?", "target": 4}) + "\n")
+    assert load_problems("jsonl", str(path), question_field="prompt", answer_field="target") == [Problem("2 + 2?", "4")]
+
+
+def test_a_saved_dataset_folder_loads_via_hf(tmp_path):
+    datasets.Dataset.from_dict({"question": ["a?", "b?"], "answer": ["1", "#### 2"]}).save_to_disk(tmp_path / "ds")
+    assert load_problems("hf", str(tmp_path / "ds")) == [Problem("a?", "1"), Problem("b?", "2")]
+
+
+def test_a_saved_dataset_dict_uses_its_test_split(tmp_path):
+    splits = {
+        "train": datasets.Dataset.from_dict({"question": ["train?"], "answer": ["1"]}),
+        "test": datasets.Dataset.from_dict({"question": ["test?"], "answer": ["2"]}),
+    }
+    datasets.DatasetDict(splits).save_to_disk(tmp_path / "dd")
+    assert load_problems("hf", str(tmp_path / "dd")) == [Problem("test?", "2")]
+
+
+def test_a_data_folder_of_jsonl_files_loads_via_hf(tmp_path, qa_file):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "test.jsonl").write_text(Path(qa_file).read_text())
+    assert load_problems("hf", str(tmp_path / "folder"))[-1] == Problem("How many?", "42")
+
+
+def test_a_jsonl_datamodule_draws_from_the_file(qa_file):
+    data = datamodule(source="jsonl", path=qa_file, B_E=3, B_U=3)
+    assert sorted(data.probe_draws[0][0] + data.probe_draws[0][1]) == list(range(6))
+
+
+# Bad input: one line naming the field and the value
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"B_E": 0}, "data.B_E must be >= 1, got 0"),
+        ({"B_U": -1}, "data.B_U must be >= 1, got -1"),
+        ({"num_probes": 0}, "data.num_probes must be >= 1, got 0"),
+        ({"source": "csv"}, "data.source must be one of arithmetic, jsonl, hf; got 'csv'"),
+        ({"source": "jsonl"}, "data.path is required for data.source='jsonl', got None"),
+        ({"source": "jsonl", "path": "/x/y.jsonl"}, "data.path: no such file '/x/y.jsonl'"),
+        ({"source": "hf", "path": "/x/folder"}, "data.path: no such folder '/x/folder'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_loads(kwargs, message):
+    with pytest.raises(ProbeConfigError, match=re.escape(message)) as error:
+        ProbeDataModule(**kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_columns_are_named_with_the_columns_found(tmp_path):
+    path = tmp_path / "other.jsonl"
+    path.write_text(json.dumps({"prompt": "2 + 2?", "solution": "4"}) + "\n")
+    message = (
+        r"data.question_field/data.answer_field: columns 'question'/'answer' not in .*other.jsonl"
+        r".*\(columns found: \['prompt', 'solution'\]\)"
+    )
+    with pytest.raises(ProbeConfigError, match=message):
+        load_problems("jsonl", str(path))
+
+
+def test_a_pool_smaller_than_b_e_plus_b_u_is_refused(qa_file):
+    data = ProbeDataModule(source="jsonl", path=qa_file, B_E=4, B_U=3)
+    with pytest.raises(ProbeConfigError, match=r"data.B_E \+ data.B_U = 7 exceeds the 6 problems of .*qa.jsonl"):
+        data.setup("predict")
+
+
+# Prompt formatting
+
+
+def test_format_prompt_applies_the_chat_template(tokenizer):
+    prompt = format_prompt(tokenizer, "What is 1 × 2?")
+    assert prompt.endswith("<|im_start|>user\nWhat is 1 × 2?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_format_prompt_without_a_chat_template_is_the_question(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    assert format_prompt(tokenizer, "What is 1 × 2?") == "What is 1 × 2?"
