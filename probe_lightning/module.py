@@ -302,7 +302,6 @@ class EntropyProbe(pl.LightningModule):
     def accumulate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY."""
         target = self.sums.sum_x if rollout.role == "E" else self.sums.sum_y
-        params = [p for _, p in self.named_params]
         seq_logprobs, entropies = [], []
         with self.timed(f"teacher_force_{'x' if rollout.role == 'E' else 'y'}"):
             for micro in self._microbatches(rollout):
@@ -310,17 +309,41 @@ class EntropyProbe(pl.LightningModule):
                     micro.batch, with_grad=True, tf_batch_size=micro.batch.num_sequences
                 )
                 with torch.enable_grad():
-                    loss = self.rollout_loss(micro, tf.seq_logprobs).sum()
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for buffer, grad in zip(target, grads):
-                    if grad is not None:
-                        buffer.add_(grad.float())
+                    self._backward_into(self.rollout_loss(micro, tf.seq_logprobs).sum(), target)
                 seq_logprobs.append(tf.seq_logprobs.detach())
                 entropies.append(tf.token_entropies)
         seq_logprobs = torch.cat(seq_logprobs)
         token_entropies = torch.cat(entropies)
         self._count(rollout, token_entropies)
         return seq_logprobs, token_entropies
+
+    def _backward_into(self, loss: torch.Tensor, sums: list[torch.Tensor]) -> None:
+        """sums += ∇loss, each parameter's gradient added as soon as backward completes it, then dropped.
+
+        As in a plain loss.backward() into existing .grad, the whole gradient never exists at once
+        (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak).
+        The parameters' own .grad are left as they were.
+        """
+        params = [p for _, p in self.named_params]
+        saved_grads = [p.grad for p in params]
+
+        def add_into(total: torch.Tensor):
+            def hook(param: torch.Tensor) -> None:
+                total.add_(param.grad)
+                param.grad = None
+
+            return hook
+
+        handles = [p.register_post_accumulate_grad_hook(add_into(total)) for p, total in zip(params, sums)]
+        try:
+            for p in params:
+                p.grad = None
+            loss.backward(inputs=params)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, grad in zip(params, saved_grads):
+                p.grad = grad
 
     def _microbatches(self, rollout: Rollout):
         """Whole prompts (all G responses, so the LOO baseline sees its group), ~tf_batch_size sequences."""
@@ -348,8 +371,9 @@ class EntropyProbe(pl.LightningModule):
         require(B_E > 0 and B_U > 0, f"probe {probe_index} ended with B_E={B_E}, B_U={B_U}: both must be >= 1")
         params = [p for _, p in self.named_params]
         with self.timed("finish_probe"):
-            x_bar = [s / B_E for s in sums.sum_x]
-            grad_j = [s / B_U for s in sums.sum_y]
+            # In place: the sums are replaced by fresh ones at the end, and model-sized copies cost time.
+            x_bar = [s.div_(B_E) for s in sums.sum_x]
+            grad_j = [s.div_(B_U) for s in sums.sum_y]
             y_bar = self.geometry.step_direction(grad_j, params)
             bars_dot = estimators.dot(x_bar, y_bar)
         scale = self.geometry.scale

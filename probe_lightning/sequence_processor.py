@@ -4,12 +4,11 @@ q (MATH.md) is what generation really samples from: softmax(z / temperature), th
 Teacher forcing applies transformers' own warpers, in generate's order, so the two always agree.
 """
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 import transformers
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from probe_lightning.config import require
@@ -273,42 +272,76 @@ class SequenceProcessor:
             return TeacherForcing(token_logprobs, token_entropies, token_logprobs.sum(-1), response_mask.float())
 
     def _score_chunk(self, ids, masks, prompt_len, with_grad, parameters):
-        width = ids.shape[1] - prompt_len
         inputs = dict(
             input_ids=ids,
             attention_mask=masks,
             position_ids=(masks.cumsum(-1) - 1).clamp(min=0),  # as generate numbers left-padded prompts
-            logits_to_keep=width + 1,  # only the logits predicting response tokens: positions P-1 .. T-2
+            # Only the logits predicting response tokens, positions P-1 .. T-2: indexing the hidden
+            # states, not slicing the logits, whose backward would zero-fill a logits-sized tensor.
+            logits_to_keep=torch.arange(prompt_len - 1, ids.shape[1] - 1, device=ids.device),
             use_cache=False,
         )
         if parameters is None:
-            logits = self.model(**inputs).logits[:, :-1]
+            logits = self.model(**inputs).logits
         else:
-            logits = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs).logits[:, :-1]
+            logits = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs).logits
         targets = ids[:, prompt_len:]
         warper = self.config.logits_warper()
-        # A few sequences' float32 log-softmax at a time (about _CHUNK_ELEMENTS floats); with
-        # gradients it is recomputed in backward rather than kept, so memory stays near the logits.
+        # A few sequences' float32 log-softmax at a time (about _CHUNK_ELEMENTS floats).
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // (logits.shape[1] * logits.shape[2]))
-        chunks = []
-        for start in range(0, logits.shape[0], rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            if with_grad:
-                chunks.append(checkpoint(_chunk_scores, logits[rows], targets[rows], warper, use_reentrant=False))
-            else:
-                chunks.append(_chunk_scores(logits[rows], targets[rows], warper))
-        token_logprobs = torch.cat([lp for lp, _ in chunks])
-        entropies = torch.cat([ent for _, ent in chunks]).detach()
-        return token_logprobs, entropies
+        if with_grad:
+            return _TokenScores.apply(logits, targets, warper, rows_per_chunk)
+        # Plain autograd ops here, so forward-mode AD (the standard-error jvp) runs through them.
+        chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
+        return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+
+
+class _TokenScores(torch.autograd.Function):
+    """(log q(y_t), entropy of q) at every position of [N, R, V] logits, rows_per_chunk rows at a time.
+
+    Nothing vocabulary-sized is kept beyond the logits themselves: backward rebuilds q chunk by chunk,
+    d log q(y) / d scores = onehot(y) - q, and never recomputes the (detached) entropies.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, warper: LogitsProcessorList, rows_per_chunk: int):
+        ctx.save_for_backward(logits, targets)
+        ctx.warper, ctx.rows_per_chunk = warper, rows_per_chunk
+        chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
+        entropies = torch.cat([ent for _, ent in chunks])
+        ctx.mark_non_differentiable(entropies)
+        return torch.cat([lp for lp, _ in chunks]), entropies
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs, _grad_entropies):
+        logits, targets = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for z, y, g, out in _split(ctx.rows_per_chunk, logits, targets, grad_logprobs, grad_logits):
+            with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
+                z = z.detach().requires_grad_(bool(ctx.warper))
+                scores = _warp(z, ctx.warper)
+            g = g[..., None].float()
+            grad_scores = scores.detach().softmax(-1).mul_(-g).scatter_add_(-1, y[..., None], g)
+            out.copy_(torch.autograd.grad(scores, z, grad_scores)[0] if ctx.warper else grad_scores)
+        return grad_logits, None, None, None
+
+
+def _split(rows: int, *tensors: torch.Tensor):
+    """Row chunks of several tensors in step: views, so writing into a chunk writes into its tensor."""
+    return zip(*(t.split(rows) for t in tensors))
+
+
+def _warp(logits: torch.Tensor, warper: LogitsProcessorList) -> torch.Tensor:
+    """The float32 scores of q from [N, R, V] logits (transformers' warpers take [rows, V])."""
+    scores = logits.float()
+    return warper(None, scores.flatten(0, 1)).view_as(scores) if warper else scores
 
 
 def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList):
     """log q(target) and the entropy of q at each position, [N, R] from [N, R, V] logits."""
-    scores = logits.float()
-    if warper:  # transformers' warpers take [rows, V] scores
-        scores = warper(None, scores.flatten(0, 1)).view_as(scores)
-    logq = scores.log_softmax(-1)
+    logq = _warp(logits, warper).log_softmax(-1)
     token_logprobs = logq.gather(-1, targets[..., None]).squeeze(-1)
-    # Tokens outside the top-p set have q = 0 and contribute 0 * log 0 = 0.
-    entropies = -(logq.exp() * logq.masked_fill(torch.isinf(logq), 0.0)).sum(-1)
-    return token_logprobs, entropies
+    # Tokens outside the top-p set have q = 0, log q = -inf: their 0 * -inf = nan terms count as 0.
+    entropies = -(logq.exp() * logq).nansum(-1)
+    return token_logprobs, entropies.detach()
