@@ -1,7 +1,10 @@
-"""BatchInvariants: check every rollout against the batch contract before its numbers are trusted."""
+"""BatchInvariants: check every rollout against the batch contract before any of it reaches the sums."""
 
 import lightning.pytorch as pl
 import torch
+
+from probe_lightning.rollout import Rollout
+from probe_lightning.sequence_processor import TeacherForcing
 
 
 class InvariantViolation(RuntimeError):
@@ -13,9 +16,22 @@ def _check(condition: bool, name: str, detail: str) -> None:
         raise InvariantViolation(f"batch invariant '{name}' failed: {detail}")
 
 
-def check_rollout(rollout, seq_logprobs: torch.Tensor, token_entropies: torch.Tensor, pad_token_id: int) -> None:
-    """The contract of MATH.md and the SequenceProcessor on one scored rollout; raises InvariantViolation."""
+def check_rollout(rollout: Rollout, G: int) -> None:
+    """The batch contract (docs/math.md, the SequenceProcessor) on one rollout; raises InvariantViolation.
+
+    G: the responses per prompt that were asked for.
+    """
     batch = rollout.batch
+    _check(
+        batch.num_prompts == len(rollout.prompts.questions),
+        "num_prompts",
+        f"{batch.num_prompts} rollouts for {len(rollout.prompts.questions)} prompts",
+    )
+    _check(
+        batch.num_responses_per_prompt == G,
+        "num_responses_per_prompt",
+        f"{batch.num_responses_per_prompt} responses per prompt, expected G={G}",
+    )
     sequences, masks = batch.sequences, batch.attention_masks
     _check(sequences.dim() == 3, "sequences_shape", f"sequences must be [B, G, T], got {tuple(sequences.shape)}")
     B, G, T = sequences.shape
@@ -35,7 +51,7 @@ def check_rollout(rollout, seq_logprobs: torch.Tensor, token_entropies: torch.Te
     bad = (masks[:, :, P:] != expected).any(-1).nonzero()
     _check(len(bad) == 0, "response_mask", f"response mask != gen_lens for (prompt, response) {bad[:3].tolist()}")
     padding = sequences[:, :, P:][expected == 0]
-    _check(bool((padding == pad_token_id).all()), "padding_after_response", "non-pad tokens after a response ended")
+    _check(bool((padding == batch.pad_token_id).all()), "padding_after_response", "non-pad tokens after a response ended")
     _check(tuple(rollout.advantages.shape) == (B, G), "advantages_shape", f"{tuple(rollout.advantages.shape)}")
     _check(bool(torch.isfinite(rollout.advantages).all()), "advantages_finite", "non-finite advantage")
     means = rollout.advantages.mean(dim=1).abs().max().item()
@@ -48,6 +64,12 @@ def check_rollout(rollout, seq_logprobs: torch.Tensor, token_entropies: torch.Te
             "max_lengths_match_gen_lens",
             f"max_lengths {rollout.max_lengths.tolist()} != max(gen_lens) {wanted.tolist()}",
         )
+
+
+def check_scores(rollout: Rollout, scores: TeacherForcing) -> None:
+    """Teacher-forced log-probs of a rollout (a microbatch of one) before its gradient is used."""
+    seq_logprobs, token_entropies = scores.seq_logprobs.detach(), scores.token_entropies
+    gen_lens = rollout.gen_lens
     _check(bool(torch.isfinite(seq_logprobs).all()), "seq_logprobs_finite", f"S = {seq_logprobs.tolist()}")
     _check(bool((seq_logprobs <= 0).all()), "seq_logprobs_nonpositive", f"S = {seq_logprobs.tolist()}")
     # S = 0 only when q put all its mass on every sampled token, i.e. every token entropy is 0.
@@ -57,20 +79,13 @@ def check_rollout(rollout, seq_logprobs: torch.Tensor, token_entropies: torch.Te
 
 
 class BatchInvariants(pl.Callback):
-    """Stops the run at the first rollout that breaks the batch contract."""
+    """Stops the run at the first rollout that breaks the batch contract, before it reaches the sums."""
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        _check(
-            outputs.rollout.batch.num_prompts == len(batch.questions),
-            "num_prompts",
-            f"{outputs.rollout.batch.num_prompts} rollouts for {len(batch.questions)} prompts",
-        )
-        G = pl_module.G_E if batch.role == "E" else pl_module.G
-        _check(
-            outputs.rollout.batch.num_responses_per_prompt == G,
-            "num_responses_per_prompt",
-            f"{outputs.rollout.batch.num_responses_per_prompt} responses per prompt, expected G={G}",
-        )
-        check_rollout(
-            outputs.rollout, outputs.seq_logprobs, outputs.token_entropies, pl_module.processor.config.pad_token_id
-        )
+    def setup(self, trainer, pl_module, stage):
+        pl_module.add_rollout_check(self)
+
+    def check_rollout(self, rollout: Rollout, G: int) -> None:
+        check_rollout(rollout, G)
+
+    def check_scores(self, rollout: Rollout, scores: TeacherForcing) -> None:
+        check_scores(rollout, scores)

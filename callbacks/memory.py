@@ -31,7 +31,7 @@ def _peak_mib(device: torch.device) -> float:
 
 
 class MemoryMonitor(pl.Callback):
-    """Records the peak of each phase into the module's RunInfo and every attached logger."""
+    """Records the peak of each phase into the run's results (RunInfo.memory) and every attached logger."""
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         _reset_peak(pl_module.device)
@@ -40,7 +40,7 @@ class MemoryMonitor(pl.Callback):
         kind = "cuda" if pl_module.device.type == "cuda" else "rss"
         key = f"peak_{kind}_mib_{batch.role}_batches"
         peak = _peak_mib(pl_module.device)
-        memory = pl_module.info.memory
+        memory = outputs.results.info.memory
         memory[key] = max(memory.get(key, 0.0), peak)
         for logger in trainer.loggers:
             logger.log_metrics({f"memory/{key}": peak}, step=batch_idx)

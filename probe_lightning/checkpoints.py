@@ -23,19 +23,19 @@ Lightning schedulers with interval "epoch" step only at epoch ends. Not modelled
 
 import json
 import logging
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from probe_lightning.config import ProbeConfigError, require
-from probe_lightning.models import load_model_and_tokenizer, load_tokenizer
+from probe_lightning.models import load_model_and_tokenizer, load_tokenizer, unreadable_weights
+from probe_lightning.optimizer_state import OptimizerState, load_torch_file, next_learning_rate
 from probe_lightning.preconditioning import (
-    AdamParamState,
     NamedParams,
     ParamLayout,
     adam_states_from_state_dict,
@@ -51,18 +51,17 @@ _HF_NO_DECAY_PATTERNS = [
     re.compile(pattern) for pattern in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 ]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_CHECKPOINT_FIX = "re-save the checkpoint or point model.checkpoint at another one"
 
 
 @dataclass
 class LoadedCheckpoint:
-    """A checkpoint ready for the probe; adam_states align with trainable_parameters(model)."""
+    """A checkpoint ready for the probe; optimizer.adam_states align with trainable_parameters(model)."""
 
     model: nn.Module  # the full model, or a PeftModel with only the adapter trainable; eval mode, on CPU
     tokenizer: PreTrainedTokenizerBase
     format: str  # one of FORMATS
-    adam_states: list[AdamParamState] | None  # None when require_optimizer_state=False
-    learning_rate: float | None  # the next step's lr from the saved param groups; None if absent or they differ
-    learning_rate_source: str
+    optimizer: OptimizerState  # adam_states None when require_optimizer_state=False
     global_step: int | None  # optimizer steps taken in training, as the trainer recorded them
 
 
@@ -83,7 +82,7 @@ def load_checkpoint(
         base_model: the model a LoRA adapter or Lightning checkpoint was trained from (alias, local
             folder or cached HF id); for LoRA it defaults to adapter_config.json's base_model_name_or_path.
             Also the tokenizer's source when the checkpoint has no tokenizer files.
-        require_optimizer_state: False (preconditioner: identity) loads no Adam state and lets a
+        require_optimizer_state: False (model.update: identity) loads no Adam state and lets a
             checkpoint without one through; the learning rate is still read from its param groups.
     """
     checkpoint = Path(path)
@@ -127,7 +126,11 @@ def _load_hf(folder: Path, base_model: str | None, require_optimizer_state: bool
         model, base_tokenizer = _load_lora(folder, base_model, dtype, source)
         checkpoint_format = "hf_lora"
     elif (folder / "config.json").is_file():
-        model, base_tokenizer = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype), None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        except SafetensorError as err:
+            raise unreadable_weights(source, folder, err, _CHECKPOINT_FIX) from err
+        base_tokenizer = None
         checkpoint_format = "hf_full"
     else:
         inner = sorted((p.name for p in folder.glob("checkpoint-*") if p.is_dir()), key=_checkpoint_number)
@@ -136,15 +139,15 @@ def _load_hf(folder: Path, base_model: str | None, require_optimizer_state: bool
     tokenizer = _tokenizer(folder, base_model, base_tokenizer, source)
     state_dict = None
     if (folder / "optimizer.pt").is_file():
-        state_dict = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        state_dict = load_torch_file(folder / "optimizer.pt", f"{source} optimizer.pt", _CHECKPOINT_FIX)
     elif require_optimizer_state:
         found = sorted(p.name for p in folder.iterdir())
         raise ProbeConfigError(
             f"{source} has no optimizer.pt (it holds {found}): the Adam preconditioner needs the optimizer state: "
-            "pass a Trainer checkpoint-N/ saved without save_only_model, or set preconditioner: identity (P = 1)"
+            "pass a Trainer checkpoint-N/ saved without save_only_model, or set model.update: identity (P = 1)"
         )
     trainer_state = folder / "trainer_state.json"
-    global_step = json.loads(trainer_state.read_text()).get("global_step") if trainer_state.is_file() else None
+    global_step = _read_json(trainer_state, source).get("global_step") if trainer_state.is_file() else None
     return _finish(
         model, tokenizer, checkpoint_format, state_dict, f"{source} optimizer.pt", require_optimizer_state, global_step
     )
@@ -155,11 +158,14 @@ def _load_lora(folder: Path, base_model: str | None, dtype, source: str):
         from peft import PeftModel  # only LoRA checkpoints need peft
     except ImportError as err:
         raise ProbeConfigError(f"{source} is a PEFT adapter: `pip install peft` to load it") from err
-    adapter_config = json.loads((folder / "adapter_config.json").read_text())
+    adapter_config = _read_json(folder / "adapter_config.json", source)
     base = base_model or adapter_config.get("base_model_name_or_path")
     require(base, f"{source}: adapter_config.json names no base_model_name_or_path: pass base_model")
     model, tokenizer = _load_base(base, dtype, source)
-    model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    try:
+        model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    except SafetensorError as err:
+        raise unreadable_weights(source, folder, err, _CHECKPOINT_FIX) from err
     return model.eval(), tokenizer
 
 
@@ -180,6 +186,16 @@ def _tokenizer(folder: Path, base_model: str | None, base_tokenizer, source: str
     return load_tokenizer(base_model)
 
 
+def _read_json(file: Path, source: str) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ProbeConfigError(
+            f"{source} {file.name} is truncated or corrupt, not valid JSON ({err.msg}: line {err.lineno} "
+            f"column {err.colno}): {_CHECKPOINT_FIX}"
+        ) from err
+
+
 def _checkpoint_number(name: str) -> int:
     suffix = name.removeprefix("checkpoint-")
     return int(suffix) if suffix.isdigit() else -1
@@ -190,13 +206,7 @@ def _checkpoint_number(name: str) -> int:
 
 def _load_lightning(path: Path, base_model: str | None, require_optimizer_state: bool, dtype) -> LoadedCheckpoint:
     source = f"checkpoint {str(path)!r}"
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ProbeConfigError(
-            f"{source}: torch.load(weights_only=True) refused it ({type(err).__name__}): it holds pickled Python "
-            "objects (e.g. in hyper_parameters); save one without them"
-        ) from err
+    checkpoint = load_torch_file(path, source, _CHECKPOINT_FIX)
     require("state_dict" in checkpoint, f"{source} has no state_dict: not a Lightning checkpoint")
     weights = checkpoint["state_dict"]
     require(
@@ -222,7 +232,7 @@ def _load_lightning(path: Path, base_model: str | None, require_optimizer_state:
     require(
         state_dict is not None or not require_optimizer_state,
         f"{source} has no optimizer_states (saved with weights_only=True?): the Adam preconditioner needs them: "
-        "save with trainer.save_checkpoint(path), or set preconditioner: identity (P = 1)",
+        "save with trainer.save_checkpoint(path), or set model.update: identity (P = 1)",
     )
     return _finish(
         model,
@@ -268,29 +278,11 @@ def _finish(
         adam_states = adam_states_from_state_dict(
             state_dict, trainable_parameters(model), source, layouts=layouts, name_prefix=name_prefix
         )
-    learning_rate, learning_rate_source = _next_learning_rate(state_dict, source)
+    learning_rate, learning_rate_source = next_learning_rate(state_dict, source)
     return LoadedCheckpoint(
         model=model,
         tokenizer=tokenizer,
         format=checkpoint_format,
-        adam_states=adam_states,
-        learning_rate=learning_rate,
-        learning_rate_source=learning_rate_source,
+        optimizer=OptimizerState(adam_states, learning_rate, learning_rate_source),
         global_step=global_step,
     )
-
-
-def _next_learning_rate(state_dict: dict | None, source: str) -> tuple[float | None, str]:
-    if not isinstance(state_dict, dict) or not state_dict.get("param_groups"):
-        return None, f"none: {source} is absent or has no param groups"
-    rates = sorted({float(group["lr"]) for group in state_dict["param_groups"] if group["params"]})
-    if len(rates) != 1:
-        return None, f"none: the param groups of {source} have different lr {rates}: set learning_rate"
-    learning_rate = rates[0]
-    if learning_rate == 0:
-        log.warning(
-            "%s: the next step's learning rate is 0 (the end of a decaying schedule?), so the predicted change "
-            "is 0: set learning_rate to probe a step of a chosen size",
-            source,
-        )
-    return learning_rate, f"{source} param groups (the next step's lr, saved after scheduler.step())"

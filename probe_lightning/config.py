@@ -1,10 +1,18 @@
-"""Typed configuration groups shared by the LightningModule, the DataModule and the CLI.
+"""Typed configuration shared by the LightningModule, the DataModule and the CLI.
 
-Each group validates itself on construction, so a bad value stops the run before the model loads,
-with a one-line message naming the field and the value.
+Choices are `Literal`s, so `--help` and `--print_config` list the allowed values and the CLI refuses
+a bad one with the allowed set. Groups validate themselves on construction, so a bad value stops the
+run before the model loads, with a one-line message naming the field and the value.
 """
 
 from dataclasses import dataclass
+from typing import Literal
+
+Role = Literal["E", "U"]  # E: entropy batch (gives ΣX), U: update batch (gives ΣY)
+# How ∇J̄ becomes the step δH₁ is measured along (probe_lightning/update.py).
+Update = Literal["identity", "adam_precondition", "adamw_step"]
+WeightingMode = Literal["dr_grpo", "per_token_avg", "budget"]
+Source = Literal["arithmetic", "jsonl", "hf"]
 
 
 class ProbeConfigError(ValueError):

@@ -5,22 +5,24 @@ The DataModule yields `PromptBatch`es in the order the module consumes them:
 probe 0 E batches, probe 0 U batches, probe 1 E batches, ...
 """
 
+import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import get_args
 
 import datasets
 import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader
 
-from probe_lightning.config import BatchConfig, ProbeConfigError, require
+from probe_lightning.config import BatchConfig, ProbeConfigError, Role, Source, require
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("arithmetic", "jsonl", "hf")
+SOURCES = get_args(Source)
 # The arithmetic task multiplies a number in [2, ARITHMETIC_MAX_FACTOR] by 1, in either order.
 # Why so easy: SmolLM2-135M-Instruct sampled at temperature 1 (top_p 1) gets under 20% of single-digit sums
 # right, but 36% of these products, with 78% of prompts mixed over 4 samples (bench/arithmetic_rate.py),
@@ -41,11 +43,17 @@ class PromptBatch:
     """One rollout batch: prompts of one probe and one role, processed by one predict_step."""
 
     probe_index: int
-    role: str  # "E": entropy batch (gives ΣX), "U": update batch (gives ΣY)
+    role: Role
     questions: list[str]
     answers: list[str]
     prompt_ids: list[int]  # index of each problem in the source pool
     last_in_probe: bool  # True on the final batch of a probe (the module finalises the probe then)
+
+    def select(self, prompts: slice) -> "PromptBatch":
+        """The prompts[prompts] of this batch (a microbatch of it)."""
+        return replace(
+            self, questions=self.questions[prompts], answers=self.answers[prompts], prompt_ids=self.prompt_ids[prompts]
+        )
 
 
 def format_prompt(tokenizer, question: str) -> str:
@@ -76,6 +84,7 @@ def load_problems(
     if source == "arithmetic":
         return arithmetic_problems(seed)
     if source == "jsonl":
+        _check_json_lines(path)
         dataset = datasets.load_dataset("json", data_files=path, split="train")
     else:
         dataset = _load_local_dataset(path)
@@ -92,6 +101,34 @@ def check_source(source: str, path: str | None) -> None:
     require(path is not None, f"data.path is required for data.source={source!r}, got None: pass --data.path")
     kind = "file" if source == "jsonl" else "folder"
     require(Path(path).exists(), f"data.path: no such {kind} {path!r}")
+
+
+def _check_json_lines(path: str) -> None:
+    """Every non-blank line is one JSON object; `datasets` would only say that some line was not."""
+    lines = Path(path).read_bytes().splitlines()
+    require(
+        any(line.strip() for line in lines),
+        f'data.path {path!r} holds no JSON lines: write one {{"question": ..., "answer": ...}} object per line',
+    )
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"data.path {path!r} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ProbeConfigError(
+                f"{where} is not valid JSON ({err.msg}: column {err.colno}): fix or remove that line"
+            ) from err
+        except UnicodeDecodeError as err:
+            raise ProbeConfigError(
+                f"{where} is not UTF-8 text ({err.reason} at byte {err.start}): save the file as UTF-8"
+            ) from err
+        if not isinstance(row, dict):
+            raise ProbeConfigError(
+                f"{where} is a JSON {type(row).__name__}, not an object: "
+                'write one {"question": ..., "answer": ...} object per line'
+            )
 
 
 def _load_local_dataset(path: str) -> datasets.Dataset:
@@ -152,7 +189,7 @@ class ProbeDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        source: str = "arithmetic",
+        source: Source = "arithmetic",
         path: str | None = None,
         question_field: str = "question",
         answer_field: str = "answer",

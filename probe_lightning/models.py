@@ -10,7 +10,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from probe_lightning.config import ProbeConfigError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,15 @@ def _from_pretrained(cls, path: str, **kwargs):
             f"`huggingface-cli download {path}` and copy ~/.cache/huggingface here, or pass a local folder "
             f"saved with save_pretrained. The embedded default is {DEFAULT_MODEL!r}. ({err})"
         ) from err
+    except SafetensorError as err:
+        fix = "save or copy the model again, or point model.model at another one"
+        raise unreadable_weights(f"model {path!r}", path, err, fix) from err
+
+
+def unreadable_weights(source: str, folder: str | Path, err: SafetensorError, fix: str) -> ProbeConfigError:
+    """The one-line error for a truncated or corrupt safetensors file in a model or checkpoint folder."""
+    files = ", ".join(sorted(p.name for p in Path(folder).glob("*.safetensors"))) or "its safetensors weights"
+    return ProbeConfigError(f"{source} {files} is truncated or corrupt ({type(err).__name__}: {err}): {fix}")
 
 
 def _converted_gguf_folder(alias: str) -> Path:

@@ -12,7 +12,6 @@ the saved group sizes and every saved shape is used, and two fitting orders that
 """
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 
@@ -159,14 +158,6 @@ def adam_states_from_state_dict(
     return states
 
 
-def load_adam_states(path: str, named_params: NamedParams) -> list[AdamParamState]:
-    """Read a `torch.save(optimizer.state_dict())` file whose optimizer got the parameters in model order."""
-    if not Path(path).is_file():
-        raise ProbeConfigError(f"optimizer_state: no such file {path!r}")
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    return adam_states_from_state_dict(state_dict, named_params, source=f"optimizer_state {path!r}")
-
-
 def _adam_param_groups(state_dict: dict, source: str) -> list[dict]:
     """The saved param groups, after checking that this is a plain Adam/AdamW state the probe can use."""
     if not isinstance(state_dict, dict) or "state" not in state_dict or not state_dict.get("param_groups"):
@@ -177,19 +168,19 @@ def _adam_param_groups(state_dict: dict, source: str) -> list[dict]:
             keys = sorted(k for k in group if k != "params")
             raise ProbeConfigError(
                 f"{source}: param group {number} has no betas (its settings: {keys}): not an Adam/AdamW state, "
-                "which is all the probe supports; set preconditioner: identity and learning_rate to probe without it"
+                "which is all the probe supports; set model.update: identity and learning_rate to probe without it"
             )
         for flag in ("amsgrad", "maximize"):
             if group.get(flag):
                 raise ProbeConfigError(
                     f"{source}: param group {number} has {flag}=True, which the probe does not support: "
-                    "use a checkpoint trained with plain Adam/AdamW, or preconditioner: identity"
+                    "use a checkpoint trained with plain Adam/AdamW, or model.update: identity"
                 )
     for index, entry in state_dict["state"].items():
         if "exp_avg" not in entry and "exp_avg_sq" not in entry:
             raise ProbeConfigError(
                 f"{source}: entry {index} holds {sorted(entry)}, not Adam's exp_avg/exp_avg_sq: unsupported "
-                "optimizer (the probe supports torch Adam/AdamW); set preconditioner: identity to probe without it"
+                "optimizer (the probe supports torch Adam/AdamW); set model.update: identity to probe without it"
             )
     return groups
 

@@ -1,13 +1,17 @@
 """Rollouts: a prompt batch's sampled, scored responses, as the batch contract the estimators read.
 
-Two ways to make one: the SequenceProcessor path (default) and the seed's legacy path
-(direct model.generate with num_return_sequences=G, L_max from re-tokenised text).
+`RolloutMaker` is the one place that makes them, for both generation paths:
+- the SequenceProcessor path (default): batched generation, lengths and masks straight from it;
+- the seed's legacy path: one model.generate(num_return_sequences=G) per rollout batch, L_max from
+  re-tokenised text (kept to reproduce the seed's numbers).
 """
 
 from dataclasses import dataclass
 
 import torch
 
+from probe_lightning.config import require
+from probe_lightning.data import PromptBatch, format_prompt
 from probe_lightning.estimators import advantages as group_advantages
 from probe_lightning.rewards import correctness_reward
 from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor
@@ -15,16 +19,22 @@ from probe_lightning.sequence_processor import BatchedSequences, SequenceProcess
 
 @dataclass
 class Rollout:
-    """B prompts x G scored responses of one role ("E" entropy batch, "U" update batch)."""
+    """The B prompts of one PromptBatch, G scored responses each."""
 
-    role: str
-    probe_index: int
+    prompts: PromptBatch
     batch: BatchedSequences
     rewards: torch.Tensor  # [B, G] float32
     advantages: torch.Tensor  # [B, G] A_g = r_g - mean r (DR-GRPO)
     max_lengths: torch.Tensor  # [B] float32 L_max(p) >= 1
-    prompt_ids: list[int]  # [B] index of each prompt in the data pool
     use_sequence_processor: bool
+
+    @property
+    def role(self) -> str:
+        return self.prompts.role
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts.prompt_ids
 
     @property
     def gen_lens(self) -> torch.Tensor:
@@ -33,73 +43,74 @@ class Rollout:
 
     def select(self, prompts: slice) -> "Rollout":
         return Rollout(
-            role=self.role,
-            probe_index=self.probe_index,
+            prompts=self.prompts.select(prompts),
             batch=self.batch.select(prompts),
             rewards=self.rewards[prompts],
             advantages=self.advantages[prompts],
             max_lengths=self.max_lengths[prompts],
-            prompt_ids=self.prompt_ids[prompts],
             use_sequence_processor=self.use_sequence_processor,
         )
 
-    def as_dict(self) -> dict:
-        """The seed's batch contract keys."""
-        return {
-            "sequences": self.batch.sequences,
-            "prompt_lens": self.batch.prompt_lens,
-            "advantages": self.advantages,
-            "max_lengths": self.max_lengths,
-            "attention_masks": self.batch.attention_masks,
-            "prompt_ids": self.prompt_ids,
-            "num_prompts": self.batch.num_prompts,
-            "num_responses_per_prompt": self.batch.num_responses_per_prompt,
-        }
 
+class RolloutMaker:
+    """PromptBatch -> Rollout: chat-formatted prompts, G samples each from q, rewards, advantages."""
 
-def score_rollout(
-    batch: BatchedSequences, answers: list[str], max_lengths: torch.Tensor, role: str, probe_index: int,
-    prompt_ids: list[int], use_sequence_processor: bool,
-) -> Rollout:
-    """Rewards from each response's text, then advantages per prompt."""
-    device = batch.sequences.device
-    rewards = torch.tensor(
-        [[correctness_reward(text, answer) for text in texts] for texts, answer in zip(batch.responses_text, answers)],
-        dtype=torch.float32,
-        device=device,
-    )
-    return Rollout(
-        role=role,
-        probe_index=probe_index,
-        batch=batch,
-        rewards=rewards,
-        advantages=group_advantages(rewards),
-        max_lengths=max_lengths.to(device=device, dtype=torch.float32),
-        prompt_ids=prompt_ids,
-        use_sequence_processor=use_sequence_processor,
-    )
+    def __init__(self, processor: SequenceProcessor, use_sequence_processor: bool, G: int, G_E: int):
+        self.processor = processor
+        self.use_sequence_processor = use_sequence_processor
+        self.G, self.G_E = G, G_E
 
+    def num_samples(self, role: str) -> int:
+        return self.G_E if role == "E" else self.G
 
-def sequence_processor_lengths(batch: BatchedSequences) -> torch.Tensor:
-    """L_max(p) = max_g gen_len_g, at least 1, straight from generation (no re-tokenisation)."""
-    return torch.tensor([max(max(lens), 1) for lens in batch.gen_lens])
+    def __call__(self, prompts: PromptBatch) -> Rollout:
+        G = self.num_samples(prompts.role)
+        texts = [format_prompt(self.processor.tokenizer, q) for q in prompts.questions]
+        self._check_prompt_lengths(texts, prompts.prompt_ids)
+        if self.use_sequence_processor:
+            batch = self.processor.generate_batched(texts, G)
+            max_lengths = torch.tensor([max(max(lens), 1) for lens in batch.gen_lens])  # L_max = max_g gen_len_g
+        else:
+            batch, max_lengths = self._legacy_generate(texts, G)
+        device = batch.sequences.device
+        rewards = torch.tensor(
+            [[correctness_reward(text, answer) for text in texts] for texts, answer in zip(batch.responses_text, prompts.answers)],
+            dtype=torch.float32,
+            device=device,
+        )  # fmt: skip
+        return Rollout(
+            prompts=prompts,
+            batch=batch,
+            rewards=rewards,
+            advantages=group_advantages(rewards),
+            max_lengths=max_lengths.to(device=device, dtype=torch.float32),
+            use_sequence_processor=self.use_sequence_processor,
+        )
 
+    @torch.no_grad()
+    def _legacy_generate(self, prompts: list[str], G: int) -> tuple[BatchedSequences, torch.Tensor]:
+        """The seed's path: prompt_lens is the padded prompt length; L_max comes from re-tokenising the
+        decoded responses, which can differ from the generated token count (EOS is not in the text)."""
+        processor, tokenizer = self.processor, self.processor.tokenizer
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(processor.device)
+        out = processor.sample(encoded.input_ids, encoded.attention_mask, num_return_sequences=G)
+        prompt_len = encoded.input_ids.shape[1]
+        prompt_mask = encoded.attention_mask.repeat_interleave(G, dim=0)
+        batch = processor.assemble(out[:, :prompt_len], prompt_mask, out[:, prompt_len:], G)
+        texts = [text for texts in batch.responses_text for text in texts]
+        retokenised = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
+        max_lengths = torch.tensor(retokenised).view(len(prompts), G).max(dim=1).values.clamp(min=1)
+        return batch, max_lengths
 
-@torch.no_grad()
-def legacy_generate(processor: SequenceProcessor, prompts: list[str], G: int) -> tuple[BatchedSequences, torch.Tensor]:
-    """The seed's legacy path: one model.generate(num_return_sequences=G) per rollout batch.
-
-    prompt_lens is the padded prompt length; L_max comes from re-tokenising the decoded responses,
-    which can differ from the generated token count (e.g. the EOS token is not in the decoded text).
-    """
-    tokenizer = processor.tokenizer
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(processor.device)
-    out = processor.sample(encoded.input_ids, encoded.attention_mask, num_return_sequences=G)
-    prompt_len = encoded.input_ids.shape[1]
-    prompt_mask = encoded.attention_mask.repeat_interleave(G, dim=0)
-    batch = processor.assemble(out[:, :prompt_len], prompt_mask, out[:, prompt_len:], G)
-    texts = [text for texts in batch.responses_text for text in texts]
-    B = len(prompts)
-    retokenised = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
-    max_lengths = torch.tensor(retokenised).view(B, G).max(dim=1).values.clamp(min=1)
-    return batch, max_lengths
+    def _check_prompt_lengths(self, prompts: list[str], prompt_ids: list[int]) -> None:
+        context = getattr(self.processor.model.config, "max_position_embeddings", None)
+        if context is None:
+            return
+        max_new_tokens = self.processor.config.max_new_tokens
+        lengths = [len(ids) for ids in self.processor.tokenizer(prompts, add_special_tokens=False).input_ids]
+        for length, prompt_id in zip(lengths, prompt_ids):
+            require(
+                length + max_new_tokens <= context,
+                f"prompt {prompt_id} has {length} tokens + generation.max_new_tokens "
+                f"{max_new_tokens} > the model's context of {context} tokens",
+            )

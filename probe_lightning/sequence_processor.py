@@ -1,34 +1,32 @@
 """SequenceProcessor: sample G responses per prompt, then score them by teacher forcing under the same q.
 
-q (MATH.md) is what generation really samples from: softmax(z / temperature), then top-p truncation.
-Teacher forcing applies transformers' own warpers, in generate's order, so the two always agree.
+q (docs/math.md) is what generation really samples from: softmax(z / temperature), then top-p
+truncation. Teacher forcing applies transformers' own warpers, in generate's order, so the two agree.
 """
 
 from dataclasses import dataclass, field, replace
 
 import torch
 import transformers
-from torch.autograd.function import once_differentiable
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from probe_lightning.config import require
-
-_CHUNK_ELEMENTS = 1 << 22  # vocabulary-sized float32 work per teacher-forcing chunk (16 MiB)
+from probe_lightning.token_scores import token_scores
 
 
 @dataclass
 class GenerationConfig:
     """How responses are sampled. pad/eos ids left as None are taken from the tokenizer."""
 
-    do_sample: bool = True
-    num_return_sequences: int = 1
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
     pad_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     gen_batch_size: int = 32  # sequences per model.generate call
-    tf_batch_size: int = 16  # sequences per teacher-forcing forward
+    # Sequences per teacher-forcing forward. A forward holds whole prompts (all G responses, so a
+    # group's baseline sees its group): tf_batch_size // G prompts, at least one.
+    tf_batch_size: int = 16
     stop_strings: list[str] = field(default_factory=list)  # a response ends after any of these
 
     def __post_init__(self):
@@ -37,10 +35,6 @@ class GenerationConfig:
         require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         require(self.gen_batch_size >= 1, f"generation.gen_batch_size must be >= 1, got {self.gen_batch_size}")
         require(self.tf_batch_size >= 1, f"generation.tf_batch_size must be >= 1, got {self.tf_batch_size}")
-        require(
-            self.num_return_sequences >= 1,
-            f"generation.num_return_sequences must be >= 1, got {self.num_return_sequences}",
-        )
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -61,7 +55,7 @@ class GenerationConfig:
         # top_k=0 and the neutral values override transformers' defaults (top_k=50!), which would
         # otherwise make generation sample from a distribution teacher forcing does not know about.
         return transformers.GenerationConfig(
-            do_sample=self.do_sample,
+            do_sample=True,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -83,6 +77,7 @@ class BatchedSequences:
     prompt_lens:     B ints, all equal to P (the padded prompt length).
     gen_lens:        [B][G] response tokens, a generated EOS / stop string included, padding excluded.
     responses_text:  [B][G] decoded response tokens.
+    pad_token_id:    the token filling prompts on the left and responses after they end.
     """
 
     sequences: torch.Tensor
@@ -90,6 +85,7 @@ class BatchedSequences:
     prompt_lens: list[int]
     gen_lens: list[list[int]]
     responses_text: list[list[str]]
+    pad_token_id: int
 
     @property
     def num_prompts(self) -> int:
@@ -188,6 +184,7 @@ class SequenceProcessor:
             prompt_lens=[prompt_ids.shape[1]] * B,
             gen_lens=gen_lens.view(B, G).tolist(),
             responses_text=[texts[b * G : (b + 1) * G] for b in range(B)],
+            pad_token_id=self.config.pad_token_id,
         )
 
     def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_return_sequences: int = 1):
@@ -236,15 +233,20 @@ class SequenceProcessor:
 
     # ---- teacher forcing ----
 
+    def microbatches(self, num_prompts: int, G: int) -> list[slice]:
+        """Prompt slices of one teacher-forcing forward each: tf_batch_size // G whole prompts, at least one."""
+        per_forward = max(1, self.config.tf_batch_size // G)
+        return [slice(start, start + per_forward) for start in range(0, num_prompts, per_forward)]
+
     def teacher_force_logprobs(
         self,
         batch: BatchedSequences,
         with_grad: bool = False,
-        tf_batch_size: int | None = None,
         parameters: dict[str, torch.Tensor] | None = None,
     ) -> TeacherForcing:
         """Per-token log q, per-token entropies and S for every response; graph kept iff with_grad.
 
+        One forward per microbatch of whole prompts (see GenerationConfig.tf_batch_size).
         parameters: replacements for some of the model's parameters by name (torch.func.functional_call),
         e.g. the primals of a forward-mode jvp.
         """
@@ -253,16 +255,13 @@ class SequenceProcessor:
                 "teacher_force_logprobs(with_grad=True) ran under torch.inference_mode, where no gradient can "
                 "exist; run the probe with trainer.inference_mode: false"
             )
-        tf_batch_size = tf_batch_size or self.config.tf_batch_size
         B, G, T = batch.sequences.shape
         P = batch.prompt_len
-        ids = batch.sequences.reshape(B * G, T)
-        masks = batch.attention_masks.reshape(B * G, T)
         logprobs, entropies = [], []
         with torch.enable_grad() if with_grad else torch.no_grad():
-            for start in range(0, B * G, tf_batch_size):
-                rows = slice(start, start + tf_batch_size)
-                lp, ent = self._score_chunk(ids[rows], masks[rows], P, with_grad, parameters)
+            for rows in self.microbatches(B, G):
+                ids = batch.sequences[rows].flatten(0, 1)
+                lp, ent = self._score(ids, batch.attention_masks[rows].flatten(0, 1), P, with_grad, parameters)
                 logprobs.append(lp)
                 entropies.append(ent)
             response_mask = batch.response_mask.bool()
@@ -271,7 +270,7 @@ class SequenceProcessor:
             token_entropies = torch.cat(entropies).view(B, G, T - P).where(response_mask, 0.0)
             return TeacherForcing(token_logprobs, token_entropies, token_logprobs.sum(-1), response_mask.float())
 
-    def _score_chunk(self, ids, masks, prompt_len, with_grad, parameters):
+    def _score(self, ids, masks, prompt_len, with_grad, parameters):
         inputs = dict(
             input_ids=ids,
             attention_mask=masks,
@@ -285,63 +284,4 @@ class SequenceProcessor:
             logits = self.model(**inputs).logits
         else:
             logits = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs).logits
-        targets = ids[:, prompt_len:]
-        warper = self.config.logits_warper()
-        # A few sequences' float32 log-softmax at a time (about _CHUNK_ELEMENTS floats).
-        rows_per_chunk = max(1, _CHUNK_ELEMENTS // (logits.shape[1] * logits.shape[2]))
-        if with_grad:
-            return _TokenScores.apply(logits, targets, warper, rows_per_chunk)
-        # Plain autograd ops here, so forward-mode AD (the standard-error jvp) runs through them.
-        chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
-        return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
-
-
-class _TokenScores(torch.autograd.Function):
-    """(log q(y_t), entropy of q) at every position of [N, R, V] logits, rows_per_chunk rows at a time.
-
-    Nothing vocabulary-sized is kept beyond the logits themselves: backward rebuilds q chunk by chunk,
-    d log q(y) / d scores = onehot(y) - q, and never recomputes the (detached) entropies.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, warper: LogitsProcessorList, rows_per_chunk: int):
-        ctx.save_for_backward(logits, targets)
-        ctx.warper, ctx.rows_per_chunk = warper, rows_per_chunk
-        chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
-        entropies = torch.cat([ent for _, ent in chunks])
-        ctx.mark_non_differentiable(entropies)
-        return torch.cat([lp for lp, _ in chunks]), entropies
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logprobs, _grad_entropies):
-        logits, targets = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
-        for z, y, g, out in _split(ctx.rows_per_chunk, logits, targets, grad_logprobs, grad_logits):
-            with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
-                z = z.detach().requires_grad_(bool(ctx.warper))
-                scores = _warp(z, ctx.warper)
-            g = g[..., None].float()
-            grad_scores = scores.detach().softmax(-1).mul_(-g).scatter_add_(-1, y[..., None], g)
-            out.copy_(torch.autograd.grad(scores, z, grad_scores)[0] if ctx.warper else grad_scores)
-        return grad_logits, None, None, None
-
-
-def _split(rows: int, *tensors: torch.Tensor):
-    """Row chunks of several tensors in step: views, so writing into a chunk writes into its tensor."""
-    return zip(*(t.split(rows) for t in tensors))
-
-
-def _warp(logits: torch.Tensor, warper: LogitsProcessorList) -> torch.Tensor:
-    """The float32 scores of q from [N, R, V] logits (transformers' warpers take [rows, V])."""
-    scores = logits.float()
-    return warper(None, scores.flatten(0, 1)).view_as(scores) if warper else scores
-
-
-def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList):
-    """log q(target) and the entropy of q at each position, [N, R] from [N, R, V] logits."""
-    logq = _warp(logits, warper).log_softmax(-1)
-    token_logprobs = logq.gather(-1, targets[..., None]).squeeze(-1)
-    # Tokens outside the top-p set have q = 0, log q = -inf: their 0 * -inf = nan terms count as 0.
-    entropies = -(logq.exp() * logq).nansum(-1)
-    return token_logprobs, entropies.detach()
+        return token_scores(logits, ids[:, prompt_len:], self.config.logits_warper(), with_grad)

@@ -1,7 +1,7 @@
 """The update geometry: how the mean RL gradient ∇J̄ becomes Ȳ, the step δH₁ is measured along.
 
 - identity:           Ȳ = ∇J̄,            δH₁ = η ⟨X̄, Ȳ⟩   (no optimizer state: plain SGD geometry)
-- adam_precondition:  Ȳ = P ⊙ ∇J̄,        δH₁ = η ⟨X̄, Ȳ⟩   (the seed's geometry, MATH.md)
+- adam_precondition:  Ȳ = P ⊙ ∇J̄,        δH₁ = η ⟨X̄, Ȳ⟩   (the seed's geometry, docs/math.md)
 - adamw_step:         Ȳ = Δθ(∇J̄),        δH₁ = ⟨X̄, Δθ⟩    (the exact AdamW step; η is inside Δθ)
 """
 
@@ -9,26 +9,34 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from probe_lightning.config import Update, require
 from probe_lightning.preconditioning import AdamParamState, adam_precondition, adamw_step, adamw_step_derivative
 
-UPDATES = ("adam_precondition", "adamw_step")
-PRECONDITIONERS = ("adam", "identity")
+
+def resolve_update(update: Update | None, has_optimizer_state: bool) -> Update:
+    """The configured geometry, or by default adam_precondition with an Adam state and identity without."""
+    if update is None:
+        return "adam_precondition" if has_optimizer_state else "identity"
+    require(
+        update == "identity" or has_optimizer_state,
+        f"model.update {update} needs an Adam state: set model.checkpoint or model.optimizer_state, "
+        "or model.update: identity",
+    )
+    return update
 
 
 @dataclass
 class UpdateGeometry:
-    kind: str  # "identity", "adam_precondition" or "adamw_step"
+    kind: Update
     learning_rate: float
-    states: list[AdamParamState] | None = None
+    states: list[AdamParamState] | None = None  # aligned with the trainable parameters; None for identity
 
     @classmethod
-    def build(cls, update: str, learning_rate: float, states: list[AdamParamState] | None) -> "UpdateGeometry":
-        if states is None:
-            return cls("identity", learning_rate)
-        if update == "adamw_step":
+    def build(cls, kind: Update, learning_rate: float, states: list[AdamParamState] | None) -> "UpdateGeometry":
+        if kind == "adamw_step":
             # A configured η overrides the saved group rates; otherwise each group keeps its own.
-            return cls(update, learning_rate, [replace(s, lr=learning_rate) for s in states])
-        return cls(update, learning_rate, states)
+            return cls(kind, learning_rate, [replace(s, lr=learning_rate) for s in states])
+        return cls(kind, learning_rate, states if kind == "adam_precondition" else None)
 
     @property
     def scale(self) -> float:

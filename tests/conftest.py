@@ -2,13 +2,42 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py
+sys.path.insert(0, str(Path(__file__).parent))  # the helper modules: tiny_models, enumerable_world, probe_helpers
+
+from enumerable_world import save_world  # noqa: E402
 
 from probe_lightning.models import DEFAULT_MODEL, load_tokenizer  # noqa: E402
+
+SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     """The default model's real tokenizer (pad == eos == <|im_end|>), left padding."""
     return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> str:
+    """The enumerable world (tests/enumerable_world.py) saved as a model folder."""
+    return save_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def gsm8k_path() -> Path:
+    """The real GSM8K test set beside the repository (../shared/data), or a skip saying it is absent."""
+    path = SHARED_DATA / "gsm8k_test.jsonl"
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the GSM8K tests need ../shared/data beside the repository")
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than they save, badly so on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 
 from probe_lightning.checkpoints import hf_trainer_layout, load_checkpoint, trainable_parameters
 from probe_lightning.config import ProbeConfigError
-from probe_lightning.preconditioning import adam_states_from_state_dict, adamw_step, load_adam_states, sequential_layout
+from probe_lightning.optimizer_state import load_optimizer_state, resolve_learning_rate
+from probe_lightning.preconditioning import adam_states_from_state_dict, adamw_step, sequential_layout
 
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.1
@@ -107,7 +108,7 @@ def assert_step_is_the_trainers(loaded, recorder):
     names, params = zip(*trainable_parameters(loaded.model))
     ascent = [-recorder.grad[n] for n in names]
 
-    delta = adamw_step(loaded.adam_states, list(params), ascent)
+    delta = adamw_step(loaded.optimizer.adam_states, list(params), ascent)
 
     for name, d in zip(names, delta):
         before = recorder.before[name]
@@ -147,9 +148,9 @@ def test_hf_full_adam_states_are_the_trainers_optimizer_state(hf_full):
 
     loaded = load_checkpoint(str(output_dir / "checkpoint-2"))
 
-    assert_states_are_the_trainers(loaded.adam_states, recorder)
-    assert {s.name for s in loaded.adam_states if s.weight_decay == 0.0} == {n for n in recorder.adam if "norm" in n}
-    assert {s.weight_decay for s in loaded.adam_states if "norm" not in s.name} == {WEIGHT_DECAY}
+    assert_states_are_the_trainers(loaded.optimizer.adam_states, recorder)
+    assert {s.name for s in loaded.optimizer.adam_states if s.weight_decay == 0.0} == {n for n in recorder.adam if "norm" in n}
+    assert {s.weight_decay for s in loaded.optimizer.adam_states if "norm" not in s.name} == {WEIGHT_DECAY}
 
 
 def test_hf_full_learning_rate_is_the_next_steps(hf_full):
@@ -158,9 +159,9 @@ def test_hf_full_learning_rate_is_the_next_steps(hf_full):
 
     loaded = load_checkpoint(str(output_dir / "checkpoint-2"))
 
-    assert loaded.learning_rate == pytest.approx(LEARNING_RATE / 3, rel=1e-12)
-    assert "optimizer.pt param groups" in loaded.learning_rate_source
-    assert {s.lr for s in loaded.adam_states} == {loaded.learning_rate}
+    assert loaded.optimizer.learning_rate == pytest.approx(LEARNING_RATE / 3, rel=1e-12)
+    assert "optimizer.pt param groups" in loaded.optimizer.learning_rate_source
+    assert {s.lr for s in loaded.optimizer.adam_states} == {loaded.optimizer.learning_rate}
 
 
 def test_hf_full_adamw_step_reproduces_the_trainers_next_step(hf_full):
@@ -178,17 +179,18 @@ def test_model_order_misreads_an_hf_full_optimizer(hf_full):
 
     message = r"entry 8 has shape \(32, 32\), parameter model.layers.0.input_layernorm.weight has shape \(32,\)"
     with pytest.raises(ProbeConfigError, match=message):
-        load_adam_states(str(output_dir / "checkpoint-2" / "optimizer.pt"), trainable_parameters(model))
+        load_optimizer_state(str(output_dir / "checkpoint-2" / "optimizer.pt"), trainable_parameters(model))
 
 
 def test_last_checkpoint_of_a_linear_schedule_warns_that_the_learning_rate_is_zero(hf_full, caplog):
     _, _, output_dir = hf_full
 
-    with caplog.at_level(logging.WARNING, logger="probe_lightning.checkpoints"):
-        loaded = load_checkpoint(str(output_dir / "checkpoint-3"))
+    loaded = load_checkpoint(str(output_dir / "checkpoint-3"))
+    with caplog.at_level(logging.WARNING, logger="probe_lightning.optimizer_state"):
+        learning_rate, source = resolve_learning_rate(None, loaded.optimizer)
 
-    assert loaded.learning_rate == 0.0
-    assert "the next step's learning rate is 0" in caplog.text
+    assert loaded.optimizer.learning_rate == learning_rate == 0.0 and "optimizer.pt param groups" in source
+    assert caplog.text.count("η = 0") == 1
 
 
 def test_trainer_output_dir_names_its_checkpoints(hf_full):
@@ -224,8 +226,8 @@ def test_hf_lora_adam_states_and_step_are_the_trainers(hf_lora):
 
     loaded = load_checkpoint(str(output_dir / "checkpoint-2"))
 
-    assert_states_are_the_trainers(loaded.adam_states, recorder)
-    assert loaded.learning_rate == pytest.approx(LEARNING_RATE / 3, rel=1e-12)
+    assert_states_are_the_trainers(loaded.optimizer.adam_states, recorder)
+    assert loaded.optimizer.learning_rate == pytest.approx(LEARNING_RATE / 3, rel=1e-12)
     assert_step_is_the_trainers(loaded, recorder)
 
 
@@ -241,7 +243,7 @@ def test_explicit_base_model_replaces_a_missing_adapter_base(hf_lora, base_folde
         load_checkpoint(str(moved))
     loaded = load_checkpoint(str(moved), base_model=str(base_folder))
 
-    assert_states_are_the_trainers(loaded.adam_states, recorder)
+    assert_states_are_the_trainers(loaded.optimizer.adam_states, recorder)
 
 
 # ---- Lightning ----
@@ -297,10 +299,10 @@ def test_lightning_checkpoint_loads_weights_state_and_learning_rate(lightning_ru
 
     loaded = load_checkpoint(str(path), base_model=str(base_folder))
 
-    assert (loaded.format, loaded.global_step, loaded.learning_rate) == ("lightning", 2, LEARNING_RATE / 4)
+    assert (loaded.format, loaded.global_step, loaded.optimizer.learning_rate) == ("lightning", 2, LEARNING_RATE / 4)
     for name, param in trainable_parameters(loaded.model):
         assert torch.equal(param, recorder.before[name]), name
-    assert_states_are_the_trainers(loaded.adam_states, recorder)
+    assert_states_are_the_trainers(loaded.optimizer.adam_states, recorder)
 
 
 def test_lightning_adamw_step_reproduces_the_next_optimizer_step(lightning_run, base_folder):
@@ -332,13 +334,13 @@ def test_lightning_checkpoint_for_another_architecture_names_the_first_mismatch(
 # ---- no optimizer state, ambiguity ----
 
 
-def test_checkpoint_without_optimizer_state_needs_identity_preconditioner(base_folder):
-    with pytest.raises(ProbeConfigError, match=r"has no optimizer.pt .*set preconditioner: identity"):
+def test_checkpoint_without_optimizer_state_needs_the_identity_update(base_folder):
+    with pytest.raises(ProbeConfigError, match=r"has no optimizer.pt .*set model.update: identity"):
         load_checkpoint(str(base_folder))
 
     loaded = load_checkpoint(str(base_folder), require_optimizer_state=False)
 
-    assert (loaded.format, loaded.adam_states, loaded.learning_rate) == ("hf_full", None, None)
+    assert (loaded.format, loaded.optimizer.adam_states, loaded.optimizer.learning_rate) == ("hf_full", None, None)
 
 
 def test_two_fitting_orders_that_disagree_are_an_error():

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from enumerable_world import PROMPTS, save_world
+from enumerable_world import PROMPTS
 from lightning.pytorch.loggers import CSVLogger
 
 import train
@@ -23,11 +23,6 @@ RESULT_KEYS = {
     "delta_h1", "bars_dot", "learning_rate", "B_E", "B_U", "G", "x_norm", "y_norm", "preconditioner",
     "use_sequence_processor", "reward_mean", "entropy_mean", "timings", "probes", "delta_h1_se",
 }
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> str:
-    return save_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +153,31 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(world, prompt
     with pytest.raises(SystemExit) as exit_info:
         train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--model.optimizer_state", str(state_path)))
     assert "has 1 entries" in str(exit_info.value.code) and "trainable parameters" in str(exit_info.value.code)
+
+
+@pytest.mark.parametrize(
+    ("flag", "allowed"),
+    [
+        ("--model.update", ["identity", "adam_precondition", "adamw_step"]),
+        ("--model.weighting_mode", ["dr_grpo", "per_token_avg", "budget"]),
+        ("--data.source", ["arithmetic", "jsonl", "hf"]),
+    ],
+)
+def test_a_choice_outside_its_allowed_set_is_refused_with_the_set(world, prompts_file, tmp_path, capsys, flag, allowed):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", flag, "bogus"))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "bogus" in err and all(value in err for value in allowed), err
+
+
+def test_help_lists_the_allowed_values_of_each_choice():
+    out = subprocess.run(
+        [sys.executable, "train.py", "predict", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    text = " ".join(out.split())  # argparse wraps long lines
+    assert "Literal['identity', 'adam_precondition', 'adamw_step']" in text
+    assert "--model.weighting_mode {dr_grpo,per_token_avg,budget}" in text
 
 
 def test_print_config_shows_the_seed_keys():

@@ -11,15 +11,13 @@ from jsonargparse import ArgumentParser
 from probe_lightning.config import BatchConfig, ProbeConfigError
 from probe_lightning.data import (
     ARITHMETIC_MAX_FACTOR,
-    Problem,
     ProbeDataModule,
+    Problem,
     PromptBatch,
     format_prompt,
     load_problems,
 )
 from probe_lightning.rewards import correctness_reward
-
-GSM8K = Path(__file__).parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
 
 
 def datamodule(**kwargs) -> ProbeDataModule:
@@ -139,11 +137,9 @@ def test_batch_config_defaults_when_not_given():
 # File sources
 
 
-def test_gsm8k_jsonl_loads_every_problem_with_a_question(caplog):
-    if not GSM8K.exists():
-        pytest.skip(f"GSM8K test data not found at {GSM8K} (shared/data/gsm8k_test.jsonl next to the repo)")
-    problems = load_problems("jsonl", str(GSM8K))
-    first_text = json.loads(GSM8K.read_text().splitlines()[0])["text"]
+def test_gsm8k_jsonl_loads_every_problem_with_a_question(gsm8k_path, caplog):
+    problems = load_problems("jsonl", str(gsm8k_path))
+    first_text = json.loads(gsm8k_path.read_text().splitlines()[0])["text"]
     # Row 861 of the file holds only a solution (no question, no <think>): it is skipped with a warning.
     assert len(problems) == 1318
     assert "rows [861]" in caplog.text

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import train
-from callbacks.invariants import check_rollout
+from callbacks.invariants import check_rollout, check_scores
 from probe_lightning.config import SamplingConfig
 from probe_lightning.data import PromptBatch, arithmetic_problems
 from probe_lightning.models import DEFAULT_MODEL, load_model_and_tokenizer
-from probe_lightning.module import EntropyProbe
+from probe_lightning.probe import ProbeSettings, build_probe
 from probe_lightning.sequence_processor import GenerationConfig, SequenceProcessor
 
 pytestmark = pytest.mark.e2e
@@ -47,28 +47,28 @@ def test_default_model_teacher_forcing_matches_generation(default_model):
 
 @pytest.mark.parametrize("use_sequence_processor", [True, False])
 def test_seed_test_plan_on_the_default_model(default_model, use_sequence_processor):
-    probe = EntropyProbe(
+    settings = ProbeSettings(
         G=2,
         learning_rate=1e-6,
         sampling=SamplingConfig(use_sequence_processor=use_sequence_processor),
         generation=GenerationConfig(max_new_tokens=24, stop_strings=["</answer>"]),
         standard_error=False,
     )
-    probe.policy, tokenizer = default_model
-    probe.processor = SequenceProcessor(probe.policy, tokenizer, probe.generation)
-    probe.on_predict_start()
+    model, tokenizer = default_model
+    probe = build_probe(SequenceProcessor(model, tokenizer, settings.generation), settings)
     problems = arithmetic_problems(0)[:4]
     torch.manual_seed(0)
     for role, chunk, last in (("E", problems[:2], False), ("U", problems[2:], True)):
         batch = PromptBatch(0, role, [p.question for p in chunk], [p.answer for p in chunk], [0, 1], last)
-        out = probe.predict_step(batch)
-        check_rollout(out.rollout, out.seq_logprobs, out.token_entropies, tokenizer.pad_token_id)
+        out = probe.step(batch)
+        check_rollout(out.rollout, G=2)
+        check_scores(out.rollout, probe.processor.teacher_force_logprobs(out.rollout.batch))
         gen_lens = torch.tensor(out.rollout.batch.gen_lens)
         assert (out.seq_logprobs[gen_lens > 0] < 0).all()
         assert len(set(out.rollout.batch.prompt_lens)) == 1
         if use_sequence_processor:
             assert out.rollout.max_lengths.tolist() == gen_lens.max(1).values.float().tolist()
-    assert probe.results[0].B_E == 2 and probe.results[0].B_U == 2
+    assert out.finished.B_E == 2 and out.finished.B_U == 2
 
 
 def test_cli_default_config_runs_and_reports(tmp_path):

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from probe_lightning.config import ProbeConfigError
+from probe_lightning.optimizer_state import load_optimizer_state
 from probe_lightning.preconditioning import (
     adam_precondition,
     adam_states_from_state_dict,
     adamw_step,
     adamw_step_derivative,
-    load_adam_states,
 )
 
 
@@ -164,12 +164,12 @@ def saved_state(tmp_path, model, optimizer, steps=1) -> str:
     return str(path)
 
 
-def test_load_adam_states_reads_a_saved_optimizer_file(tmp_path):
+def test_load_optimizer_state_reads_a_saved_optimizer_file(tmp_path):
     model = small_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     path = saved_state(tmp_path, model, optimizer, steps=2)
 
-    states = load_adam_states(path, named(model))
+    states = load_optimizer_state(path, named(model)).adam_states
 
     assert [s.name for s in states] == [n for n, _ in named(model)]
     for state, param in zip(states, model.parameters()):
@@ -183,7 +183,7 @@ def test_count_mismatch_names_both_counts(tmp_path):
     fewer = named(model)[:-1]
 
     with pytest.raises(ProbeConfigError, match="has 6 entries in 1 param groups, the model has 5 trainable parameters"):
-        load_adam_states(path, fewer)
+        load_optimizer_state(path, fewer).adam_states
 
 
 def test_shape_mismatch_names_the_first_parameter_and_both_shapes(tmp_path):
@@ -192,7 +192,7 @@ def test_shape_mismatch_names_the_first_parameter_and_both_shapes(tmp_path):
     wider = small_model(hidden=6)
 
     with pytest.raises(ProbeConfigError, match=r"entry 0 has shape \(4, 5\), parameter 0.weight has shape \(6, 5\)"):
-        load_adam_states(path, named(wider))
+        load_optimizer_state(path, named(wider)).adam_states
 
 
 @pytest.mark.parametrize("key", ["exp_avg_sq", "step"])
@@ -206,7 +206,7 @@ def test_missing_adam_entry_is_an_error(tmp_path, key):
     torch.save(state_dict, path)
 
     with pytest.raises(ProbeConfigError, match=rf"entry 2 \(1.weight\) has no {key}"):
-        load_adam_states(str(path), named(model))
+        load_optimizer_state(str(path), named(model)).adam_states
 
 
 @pytest.mark.parametrize(
@@ -223,9 +223,9 @@ def test_unsupported_optimizers_are_refused(tmp_path, make_optimizer, message):
     path = saved_state(tmp_path, model, make_optimizer(model.parameters()))
 
     with pytest.raises(ProbeConfigError, match=message):
-        load_adam_states(path, named(model))
+        load_optimizer_state(path, named(model)).adam_states
 
 
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(ProbeConfigError, match="optimizer_state: no such file"):
-        load_adam_states(str(tmp_path / "nothing.pt"), [])
+        load_optimizer_state(str(tmp_path / "nothing.pt"), []).adam_states

@@ -2,22 +2,17 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from probe_lightning.rewards import correctness_reward, extract_answer, last_number, numbers_equal, parse_number
 
-GSM8K = Path(__file__).parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
-
 
 @pytest.fixture(scope="module")
-def gsm8k_solutions() -> list[tuple[str, str]]:
+def gsm8k_solutions(gsm8k_path) -> list[tuple[str, str]]:
     """(solution text after the question, reference answer) for each of the 1,319 GSM8K test problems."""
-    if not GSM8K.exists():
-        pytest.skip(f"GSM8K test data not found at {GSM8K} (shared/data/gsm8k_test.jsonl next to the repo)")
     rows = []
-    for line in GSM8K.read_text().splitlines():
+    for line in gsm8k_path.read_text().splitlines():
         text = json.loads(line)["text"]
         reference = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)[-1].strip()
         solution = text.split("\n<think>", 1)[-1]  # one row has no question, only a solution

@@ -1,5 +1,7 @@
 """The SequenceProcessor's contract on tiny random models with the default model's real tokenizer."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from tiny_models import tiny_llama
@@ -23,6 +25,10 @@ def generate_with_scores(processor: SequenceProcessor, prompts, G) -> tuple[Batc
     scores = processor.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
     batch = processor.assemble(ids, mask, out.sequences[:, ids.shape[1] :], G)
     return batch, scores.view(len(prompts), G, -1)
+
+
+def replace_config(processor: SequenceProcessor, **changes) -> SequenceProcessor:
+    return SequenceProcessor(processor.model, processor.tokenizer, replace(processor.config, **changes))
 
 
 def test_masks_and_gen_lens_with_pad_equal_to_eos_and_eos_mid_batch(tokenizer):
@@ -52,7 +58,7 @@ def test_teacher_forced_logprobs_equal_generation_scores(tokenizer):
     torch.manual_seed(1)
     processor = make_processor(tokenizer, max_new_tokens=12, temperature=0.7, top_p=0.8)
     batch, scores = generate_with_scores(processor, PROMPTS, G=3)
-    tf = processor.teacher_force_logprobs(batch, tf_batch_size=4)
+    tf = processor.teacher_force_logprobs(batch)
     mask = tf.response_mask.bool()
     assert mask.sum() > 30
     torch.testing.assert_close(tf.token_logprobs[mask], scores[:, :, : mask.shape[-1]][mask], atol=1e-4, rtol=0)
@@ -105,7 +111,7 @@ def test_gradients_reach_parameters_only_with_grad(tokenizer):
     batch = processor.generate_batched(PROMPTS[:2], G=2)
     without = processor.teacher_force_logprobs(batch, with_grad=False)
     assert not without.seq_logprobs.requires_grad
-    with_grad = processor.teacher_force_logprobs(batch, with_grad=True, tf_batch_size=1)
+    with_grad = processor.teacher_force_logprobs(batch, with_grad=True)
     with_grad.seq_logprobs.sum().backward()
     grads = [p.grad for p in processor.model.parameters()]
     assert all(g is not None for g in grads)
@@ -117,8 +123,10 @@ def test_teacher_forcing_is_independent_of_chunking_and_left_padding(tokenizer):
     torch.manual_seed(5)
     processor = make_processor(tokenizer, max_new_tokens=8, temperature=0.9)
     batch = processor.generate_batched(PROMPTS, G=2)
-    whole = processor.teacher_force_logprobs(batch, tf_batch_size=6)
-    one_by_one = processor.teacher_force_logprobs(batch, tf_batch_size=1)
+    whole = processor.teacher_force_logprobs(batch)
+    one_by_one = replace_config(processor, tf_batch_size=1).teacher_force_logprobs(batch)
+    assert len(processor.microbatches(batch.num_prompts, 2)) == 1
+    assert len(replace_config(processor, tf_batch_size=1).microbatches(batch.num_prompts, 2)) == len(PROMPTS)
     torch.testing.assert_close(whole.token_logprobs, one_by_one.token_logprobs, atol=1e-5, rtol=0)
     # The short prompt alone has no left padding; inside the batch it has a lot.
     alone = processor.assemble(

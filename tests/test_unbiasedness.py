@@ -1,21 +1,20 @@
 """The probe against exact answers in the enumerable world (tests/enumerable_world.py).
 
-Every probe here runs the LightningModule's own predict_step; only the ground truth is computed
-independently, by summing over all V**T responses.
+Every probe here runs the Probe's own step (what predict_step calls); only the ground truth is
+computed independently, by summing over all V**T responses.
 """
 
 import functools
 import logging
-import math
 from dataclasses import replace
 
 import pytest
 import torch
-from enumerable_world import PROMPTS, exact_delta_h1, exact_prompt, save_world
+from enumerable_world import PROMPTS, exact_delta_h1, exact_prompt
+from probe_helpers import make_probe, prompt_batches, run_probes, z_score
 
-from probe_lightning.data import PromptBatch
-from probe_lightning.module import EntropyProbe
-from probe_lightning.sequence_processor import GenerationConfig
+from probe_lightning.accumulator import ProbeSums
+from probe_lightning.probe import Probe
 
 # Same prompts in E and U (their responses are sampled independently); only the output layer is
 # trainable, which keeps the noise of ⟨X̄, Ȳ⟩ low enough for tests with power. Without a baseline
@@ -24,70 +23,14 @@ ENTROPY_PROMPTS = {4: PROMPTS * 8, 1: PROMPTS * 96}
 UPDATE_PROMPTS = PROMPTS * 12
 NUM_PROBES = {4: 200, 1: 300}
 log = logging.getLogger(__name__)  # the measured numbers: pytest --log-cli-level=INFO
-TRAINABLE = ("lm_head",)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than they save, badly so on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> str:
-    return save_world(tmp_path_factory.mktemp("world"))
-
-
-def make_probe(world: str, tf_batch_size: int = 256, **hparams) -> EntropyProbe:
-    hparams = {"G": 4, "learning_rate": 1.0, **hparams}
-    generation = GenerationConfig(max_new_tokens=3, tf_batch_size=tf_batch_size, gen_batch_size=256)
-    probe = EntropyProbe(model=world, generation=generation, **hparams)
-    probe.configure_model()
-    for name, param in probe.policy.named_parameters():
-        param.requires_grad_(name.startswith(TRAINABLE))
-    probe.on_predict_start()
-    return probe
-
-
-def prompt_batches(probe_index, entropy_prompts, update_prompts, rollout_batch_size):
-    """The DataModule's batch order: E batches, then U batches, the last one closing the probe."""
-    batches = []
-    for role, prompts in (("E", entropy_prompts), ("U", update_prompts)):
-        for start in range(0, len(prompts), rollout_batch_size):
-            chunk = prompts[start : start + rollout_batch_size]
-            batches.append(
-                PromptBatch(
-                    probe_index=probe_index,
-                    role=role,
-                    questions=[p.question for p in chunk],
-                    answers=[p.answer for p in chunk],
-                    prompt_ids=list(range(start, start + len(chunk))),
-                    last_in_probe=False,
-                )
-            )
-    batches[-1] = replace(batches[-1], last_in_probe=True)
-    return batches
-
-
-def run_probes(probe: EntropyProbe, num_probes: int, entropy_prompts=ENTROPY_PROMPTS[4], rollout_batch_size=256):
-    """(per-probe results, per-probe X̄, per-probe Ȳ)."""
-    x_bars, y_bars = [], []
-    for k in range(num_probes):
-        for batch in prompt_batches(k, entropy_prompts, UPDATE_PROMPTS, rollout_batch_size):
-            probe.predict_step(batch)
-        x_bars.append([x.double() for x in probe.x_bar])
-        y_bars.append([y.double() for y in probe.y_bar])
-    return probe.results, x_bars, y_bars
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache
 def exact_world(world: str, G: int):
     probe = make_probe(world)
     tokenizer = probe.processor.tokenizer
-    exact = [exact_prompt(probe.policy, tokenizer, p) for p in PROMPTS]
+    exact = [exact_prompt(probe.processor.model, tokenizer, p) for p in PROMPTS]
     return exact_delta_h1(exact, exact, G, 1.0)  # E and U repeat PROMPTS evenly: the same means
 
 
@@ -95,13 +38,7 @@ def exact_world(world: str, G: int):
 def probes(world: str, weighting_mode: str, G_E: int):
     torch.manual_seed(1234)
     probe = make_probe(world, G_E=G_E, weighting_mode=weighting_mode)
-    return run_probes(probe, NUM_PROBES[G_E], ENTROPY_PROMPTS[G_E])
-
-
-def z_score(values: torch.Tensor, exact: float) -> tuple[float, float]:
-    """(|mean - exact| / SE of the mean, SE of the mean)."""
-    se = values.std().item() / math.sqrt(len(values))
-    return abs(values.mean().item() - exact) / se, se
+    return run_probes(probe, NUM_PROBES[G_E], ENTROPY_PROMPTS[G_E], UPDATE_PROMPTS)
 
 
 def project(vectors: list[list[torch.Tensor]], directions: list[torch.Tensor]) -> torch.Tensor:
@@ -166,14 +103,14 @@ def test_update_prompt_contributions_sum_to_delta_h1(world):
         assert abs(sum(contributions) - result.delta_h1) <= 1e-5 * sum(abs(c) for c in contributions)
 
 
-def _rollouts(probe: EntropyProbe, seed: int = 7):
+def _rollouts(probe: Probe, seed: int = 7):
     torch.manual_seed(seed)
     batches = prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=8)
     return [probe.make_rollout(batch) for batch in batches]
 
 
-def _sums(probe: EntropyProbe, rollouts) -> list[torch.Tensor]:
-    probe.sums = probe._empty_sums()
+def _sums(probe: Probe, rollouts) -> list[torch.Tensor]:
+    probe.sums = ProbeSums(probe.named_params)
     for rollout in rollouts:
         probe.accumulate(rollout)
     return [torch.cat([s.flatten() for s in probe.sums.sum_x]), torch.cat([s.flatten() for s in probe.sums.sum_y])]
@@ -183,9 +120,9 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def _per_sample_sums(probe: EntropyProbe, rollouts) -> list[torch.Tensor]:
+def _per_sample_sums(probe: Probe, rollouts) -> list[torch.Tensor]:
     """ΣX and ΣY by autograd of each response's own S(y), in float64, one response at a time."""
-    model = probe.policy.double()
+    model = probe.processor.model.double()
     params = [p for p in model.parameters() if p.requires_grad]
     sums = {"E": [torch.zeros_like(p) for p in params], "U": [torch.zeros_like(p) for p in params]}
     try:
@@ -212,7 +149,7 @@ def _per_sample_sums(probe: EntropyProbe, rollouts) -> list[torch.Tensor]:
                 for total, *per_response in zip(sums[rollout.role], *grads):
                     total += sum(w * grad for w, grad in zip(weights, per_response))
     finally:
-        probe.policy.float()
+        model.float()
     return [torch.cat([s.flatten() for s in sums[role]]) for role in ("E", "U")]
 
 
@@ -255,11 +192,11 @@ def test_exact_entropy_change_matches_delta_h1_to_first_order(world):
     probe = make_probe(world)
     tokenizer = probe.processor.tokenizer
     exact, grad_h, expected_y = exact_world(world, G=4)
-    trainable = [p for p in probe.policy.parameters() if p.requires_grad]
+    trainable = [p for _, p in probe.named_params]
     original = [p.detach().clone() for p in trainable]
 
     def mean_entropy() -> float:
-        return sum(exact_prompt(probe.policy, tokenizer, p).entropy for p in PROMPTS) / len(PROMPTS)
+        return sum(exact_prompt(probe.processor.model, tokenizer, p).entropy for p in PROMPTS) / len(PROMPTS)
 
     h0 = mean_entropy()
     gaps = []
@@ -277,6 +214,6 @@ def test_exact_entropy_change_matches_delta_h1_to_first_order(world):
 
 def test_update_batch_with_one_response_per_prompt_gives_zero(world):
     probe = make_probe(world, G=1)
-    results, _, _ = run_probes(probe, 1)
+    results, _, _ = run_probes(probe, 1, ENTROPY_PROMPTS[4], UPDATE_PROMPTS)
     assert results[0].delta_h1 == 0.0
-    assert any("G = 1" in note for note in probe.info.notes)
+    assert any("G = 1" in note for note in probe.results.info.notes)

@@ -1,0 +1,122 @@
+"""What a probe run reports: one record per probe, the run's settings, the summary, results.json.
+
+The whole results.json schema lives here; callbacks write `RunResults.to_dict()` and nothing else.
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# results.json's top level carries these per-probe numbers averaged over the probes.
+_AVERAGED = ("delta_h1", "bars_dot", "x_norm", "y_norm", "B_E", "B_U", "reward_mean", "entropy_mean")
+
+
+@dataclass
+class ProbeResult:
+    """One probe's numbers."""
+
+    probe_index: int
+    delta_h1: float
+    bars_dot: float  # ⟨X̄, Ȳ⟩
+    x_norm: float
+    y_norm: float
+    B_E: int
+    B_U: int
+    reward_mean: float
+    entropy_mean: float  # mean per-token entropy of q over all response tokens of the probe
+    delta_h1_se: float | None = None  # plug-in standard error (docs/math.md); None when not computed
+    # η b_u / B_U per update prompt, keyed by prompt id: they sum to delta_h1 exactly
+    update_prompt_contributions: dict[int, float] | None = None
+
+
+@dataclass
+class RunInfo:
+    """Everything results.json says besides the probe rows."""
+
+    model: str | None
+    learning_rate: float
+    learning_rate_source: str
+    update: str  # the update geometry: identity, adam_precondition or adamw_step (update.py)
+    weighting_mode: str
+    G: int
+    G_E: int
+    use_sequence_processor: bool
+    checkpoint: str | None = None
+    checkpoint_format: str | None = None  # hf_full, hf_lora or lightning
+    global_step: int | None = None  # optimizer steps the checkpoint had taken
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed
+    memory: dict[str, float] = field(default_factory=dict)  # MiB per phase, filled by MemoryMonitor
+
+    @property
+    def preconditioner(self) -> str:
+        """Whether an Adam state shapes the step ("adam") or not ("identity")."""
+        return "identity" if self.update == "identity" else "adam"
+
+
+@dataclass
+class RunResults:
+    """The run so far: its settings and the finished probes."""
+
+    info: RunInfo
+    probes: list[ProbeResult] = field(default_factory=list)
+
+    @contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings = self.info.timings
+            timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+    def to_dict(self) -> dict:
+        """results.json: the settings, one row per probe, and their mean (with its standard error)."""
+        results = {**asdict(self.info), "preconditioner": self.info.preconditioner}
+        results["probes"] = [asdict(p) for p in self.probes]
+        return summarise(results)
+
+
+def summarise(results: dict) -> dict:
+    """Add the across-probe mean (top level) and its standard error to the results dict."""
+    probes = results["probes"]
+    if not probes:
+        return results
+    summary = {key: sum(p[key] for p in probes) / len(probes) for key in _AVERAGED}
+    if all(p["delta_h1_se"] is not None for p in probes):  # plug-in SE of the mean of independent probes
+        summary["delta_h1_se"] = math.sqrt(sum(p["delta_h1_se"] ** 2 for p in probes)) / len(probes)
+    values = [p["delta_h1"] for p in probes]
+    if len(values) > 1:
+        mean = summary["delta_h1"]
+        variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+        summary["delta_h1_mean_se"] = math.sqrt(variance / len(values))
+    return {**results, **summary, "num_probes": len(probes)}
+
+
+def run_notes(update: str, G: int, G_E: int) -> list[str]:
+    """What a reader of the numbers must know about how they were made."""
+    notes = []
+    if update == "identity":
+        notes.append("no optimizer state used: P = 1 (plain SGD geometry), not Adam's")
+    if update == "adamw_step":
+        notes.append(
+            "update adamw_step: δH₁ = ⟨X̄, Δθ⟩ includes AdamW's momentum drift; the update prompt "
+            "contributions linearise Δθ at ∇J̄ and sum to ⟨X̄, D ∇J̄⟩, not to δH₁"
+        )
+    if G_E == 1:
+        notes.append("G_E = 1: X uses no leave-one-out baseline (unbiased, higher variance)")
+    if G == 1:
+        notes.append("G = 1: every advantage is 0, so ∇J̄ = 0")
+    return notes
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomically: a reader (or a crash) never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,75 @@
+"""log q(y_t) and the entropy of q at every response position, from logits, a few rows at a time.
+
+q (docs/math.md) is softmax(z / temperature) then top-p truncation: transformers' own warpers, in
+generate's order, so teacher forcing and generation always agree.
+"""
+
+import torch
+from torch.autograd.function import once_differentiable
+from transformers import LogitsProcessorList
+
+_CHUNK_ELEMENTS = 1 << 22  # vocabulary-sized float32 work per chunk (16 MiB)
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList, with_grad: bool):
+    """(log q(targets), entropies of q), [N, R] each, from [N, R, V] logits; entropies are detached.
+
+    with_grad: a custom backward that never keeps a vocabulary-sized tensor beyond the logits.
+    Otherwise plain autograd ops, so forward-mode AD (the directional-derivative jvp) runs through them.
+    """
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (logits.shape[1] * logits.shape[2]))
+    if with_grad:
+        return _TokenScores.apply(logits, targets, warper, rows_per_chunk)
+    chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
+    return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+
+
+class _TokenScores(torch.autograd.Function):
+    """(log q(y_t), entropy of q) at every position of [N, R, V] logits, rows_per_chunk rows at a time.
+
+    Nothing vocabulary-sized is kept beyond the logits themselves: backward rebuilds q chunk by chunk,
+    d log q(y) / d scores = onehot(y) - q, and never recomputes the (detached) entropies.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, warper: LogitsProcessorList, rows_per_chunk: int):
+        ctx.save_for_backward(logits, targets)
+        ctx.warper, ctx.rows_per_chunk = warper, rows_per_chunk
+        chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
+        entropies = torch.cat([ent for _, ent in chunks])
+        ctx.mark_non_differentiable(entropies)
+        return torch.cat([lp for lp, _ in chunks]), entropies
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs, _grad_entropies):
+        logits, targets = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for z, y, g, out in _split(ctx.rows_per_chunk, logits, targets, grad_logprobs, grad_logits):
+            with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
+                z = z.detach().requires_grad_(bool(ctx.warper))
+                scores = _warp(z, ctx.warper)
+            g = g[..., None].float()
+            grad_scores = scores.detach().softmax(-1).mul_(-g).scatter_add_(-1, y[..., None], g)
+            out.copy_(torch.autograd.grad(scores, z, grad_scores)[0] if ctx.warper else grad_scores)
+        return grad_logits, None, None, None
+
+
+def _split(rows: int, *tensors: torch.Tensor):
+    """Row chunks of several tensors in step: views, so writing into a chunk writes into its tensor."""
+    return zip(*(t.split(rows) for t in tensors))
+
+
+def _warp(logits: torch.Tensor, warper: LogitsProcessorList) -> torch.Tensor:
+    """The float32 scores of q from [N, R, V] logits (transformers' warpers take [rows, V])."""
+    scores = logits.float()
+    return warper(None, scores.flatten(0, 1)).view_as(scores) if warper else scores
+
+
+def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList):
+    """log q(target) and the entropy of q at each position, [N, R] from [N, R, V] logits."""
+    logq = _warp(logits, warper).log_softmax(-1)
+    token_logprobs = logq.gather(-1, targets[..., None]).squeeze(-1)
+    # Tokens outside the top-p set have q = 0, log q = -inf: their 0 * -inf = nan terms count as 0.
+    entropies = -(logq.exp() * logq).nansum(-1)
+    return token_logprobs, entropies.detach()
