@@ -44,14 +44,14 @@ import numpy as np
 import torch
 import yaml
 from jsonargparse import CLI
-from lightning.pytorch.cli import LightningCLI
 from torch.profiler import ProfilerActivity, profile
 
-from probe_lightning.data import PromptBatch, ProbeDataModule, format_prompt
+from probe_lightning.data import ProbeDataModule, PromptBatch, format_prompt
 from probe_lightning.module import EntropyProbe
 from probe_lightning.results import RunResults
 from probe_lightning.rollout import Rollout
 from probe_lightning.sequence_processor import SequenceProcessor
+from train import ProbeCLI
 
 _MIB = 2**20
 PHASES = ("generate", "x_pass", "y_pass", "total")
@@ -249,7 +249,7 @@ class Bench:
         config["trainer"].update(_QUIET_TRAINER, default_root_dir=root)
         with warnings.catch_warnings():  # it warns that args and sys.argv (the bench's own flags) are both given
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            cli = LightningCLI(
+            cli = ProbeCLI(
                 EntropyProbe, ProbeDataModule, args=config, run=False, save_config_callback=None,
                 trainer_defaults={"callbacks": list(callbacks)},
             )  # fmt: skip

@@ -3,10 +3,13 @@
 from pathlib import Path
 
 import lightning.pytorch as pl
+import matplotlib.pyplot as plt
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from probe_lightning.plots import eta_sweep_figure
 from probe_lightning.probe import StepOutput
-from probe_lightning.results import RunResults, write_json
+from probe_lightning.results import ProbeResult, RunResults, write_json
 
 
 def results_path(trainer: pl.Trainer) -> Path:
@@ -44,7 +47,25 @@ class DeltaH1Logger(pl.Callback):
         metrics.update({f"timing/{phase}": seconds for phase, seconds in info.timings.items()})
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=result.probe_index)
+        if result.eta_sweep:
+            self._log_sweep(trainer, result)
         _write(results_path(trainer), outputs.results.to_dict())
+
+    @rank_zero_only
+    def _log_sweep(self, trainer, result: ProbeResult) -> None:
+        """The η sweep: a PNG next to results.json, and the same numbers and figure in TensorBoard."""
+        figure = eta_sweep_figure(result.eta_sweep, f"probe {result.probe_index}: true ΔH against predictions")
+        path = results_path(trainer).with_name(f"eta_sweep_probe{result.probe_index}.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path)
+        for logger in trainer.loggers:
+            for row in result.eta_sweep:
+                keys = ("delta_h1", "delta_h_true", "delta_h_true_se", "ess", "covariance_proxy")
+                metrics = {f"eta_sweep/{key}/eta={row['eta']:g}": row[key] for key in keys}
+                logger.log_metrics(metrics, step=result.probe_index)
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("eta_sweep", figure, global_step=result.probe_index)
+        plt.close(figure)
 
     def on_predict_end(self, trainer, pl_module):
         if self.results is None:
@@ -57,9 +78,12 @@ class DeltaH1Logger(pl.Callback):
             spread = f" ± {results['delta_h1_mean_se']:.4g} (SE over {results['num_probes']} probes)" if (
                 "delta_h1_mean_se" in results
             ) else ""
+            empty = f"  [empty: {results['empty']}]" if "empty" in results else ""
             rank_zero_info(
-                f"δH₁ = {results['delta_h1']:.6g}{spread}  (η = {results['learning_rate']:.3g}, "
-                f"⟨X̄,Ȳ⟩ = {results['bars_dot']:.6g}, update: {results['update']})"
+                f"δH₁ = {results['delta_h1']:.6g}{spread} for the {results['entropy_target']} entropy  "
+                f"(η = {results['learning_rate']:.3g}, ⟨X̄,Ȳ⟩ = {results['bars_dot']:.6g}, update: "
+                f"{results['update']}, loss: {results['trainer']['loss_type']['value']}, "
+                f"mixed U prompts: {results['mixed_update_fraction']:.0%}){empty}"
             )
         rank_zero_info(f"results: {results_path(trainer)}")
 

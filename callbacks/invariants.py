@@ -51,7 +51,8 @@ def check_rollout(rollout: Rollout, G: int) -> None:
     bad = (masks[:, :, P:] != expected).any(-1).nonzero()
     _check(len(bad) == 0, "response_mask", f"response mask != gen_lens for (prompt, response) {bad[:3].tolist()}")
     padding = sequences[:, :, P:][expected == 0]
-    _check(bool((padding == batch.pad_token_id).all()), "padding_after_response", "non-pad tokens after a response ended")
+    ended_ok = bool((padding == batch.pad_token_id).all())
+    _check(ended_ok, "padding_after_response", "non-pad tokens after a response ended")
     _check(tuple(rollout.advantages.shape) == (B, G), "advantages_shape", f"{tuple(rollout.advantages.shape)}")
     _check(bool(torch.isfinite(rollout.advantages).all()), "advantages_finite", "non-finite advantage")
     means = rollout.advantages.mean(dim=1).abs().max().item()

@@ -1,34 +1,46 @@
 """ProbeSums: one probe's ΣX, ΣY and counts; per-prompt losses are added to the sums by backward."""
 
+from dataclasses import dataclass
+
 import torch
 
 NamedParams = list[tuple[str, torch.Tensor]]
 
 
+@dataclass
+class RoleCounts:
+    """What one role's (E or U) rollouts of a probe held."""
+
+    prompts: int = 0
+    responses: int = 0
+    tokens: int = 0
+    reward_sum: float = 0.0
+    entropy_sum: float = 0.0  # Σ H_t over every response token
+    mixed_prompts: int = 0  # prompts whose responses did not all get the same reward (non-zero advantages)
+
+
 class ProbeSums:
-    """ΣX = Σ_{p∈E} X(p) and ΣY = Σ_{p∈U} ∇J(p) in float32, the prompt, response and token counts, and
-    the reward and entropy sums of one probe (docs/math.md)."""
+    """ΣX = Σ_{p∈E} X(p) and ΣY = Σ_{p∈U} ∇J(p) in float32, with the counts of one probe (docs/math.md).
 
-    def __init__(self, named_params: NamedParams):
+    ΣX has one parameter-shaped sum per column of the entropy loss (two for token_mean: its entropy and
+    length parts, combined by finish once the E batch's plug-ins are known).
+    """
+
+    def __init__(self, named_params: NamedParams, entropy_columns: int = 1):
         self.params = [p for _, p in named_params]
-        self.sum_x = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.sum_y = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.num_entropy_prompts = 0
-        self.num_update_prompts = 0
-        self.reward_sum = 0.0
-        self.num_responses = 0
-        self.entropy_sum = 0.0
-        self.num_tokens = 0
+        zeros = lambda: [torch.zeros_like(p, dtype=torch.float32) for p in self.params]  # noqa: E731
+        self.sum_x = [zeros() for _ in range(entropy_columns)]
+        self.sum_y = zeros()
+        self.counts = {"E": RoleCounts(), "U": RoleCounts()}
+        self.update_rewards: list[torch.Tensor] = []  # the U batch's [B, G] rewards (batch-scaled advantages)
 
-    def add_gradient(self, role: str, loss: torch.Tensor) -> None:
-        """ΣX (role E) or ΣY (role U) += ∇loss, each parameter's gradient added as soon as backward
-        completes it, then dropped.
+    def add_gradient(self, sums: list[torch.Tensor], loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """sums += ∇loss, each parameter's gradient added as soon as backward completes it, then dropped.
 
         As in a plain loss.backward() into existing .grad, the whole gradient never exists at once
         (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak).
         The parameters' own .grad are left as they were.
         """
-        sums = self.sum_x if role == "E" else self.sum_y
         saved_grads = [p.grad for p in self.params]
 
         def add_into(total: torch.Tensor):
@@ -42,7 +54,7 @@ class ProbeSums:
         try:
             for p in self.params:
                 p.grad = None
-            loss.backward(inputs=self.params)
+            loss.backward(inputs=self.params, retain_graph=retain_graph)
         finally:
             for handle in handles:
                 handle.remove()
@@ -51,19 +63,24 @@ class ProbeSums:
 
     def count(self, role: str, rewards: torch.Tensor, token_entropies: torch.Tensor, response_mask: torch.Tensor):
         """Prompts, responses and tokens of one rollout ([B, G] rewards, [B, G, R] entropies and mask)."""
-        if role == "E":
-            self.num_entropy_prompts += rewards.shape[0]
-        else:
-            self.num_update_prompts += rewards.shape[0]
-        self.reward_sum += rewards.sum().item()
-        self.num_responses += rewards.numel()
-        self.entropy_sum += token_entropies.sum().item()
-        self.num_tokens += int(response_mask.sum().item())
+        counts = self.counts[role]
+        counts.prompts += rewards.shape[0]
+        counts.responses += rewards.numel()
+        counts.tokens += int(response_mask.sum().item())
+        counts.reward_sum += rewards.sum().item()
+        counts.entropy_sum += token_entropies.sum().item()
+        counts.mixed_prompts += int((rewards.amax(1) > rewards.amin(1)).sum().item())
+        if role == "U":
+            self.update_rewards.append(rewards)
 
     @property
     def reward_mean(self) -> float:
-        return self.reward_sum / max(self.num_responses, 1)
+        """Over every response of the probe, E and U."""
+        e, u = self.counts["E"], self.counts["U"]
+        return (e.reward_sum + u.reward_sum) / max(e.responses + u.responses, 1)
 
     @property
     def entropy_mean(self) -> float:
-        return self.entropy_sum / max(self.num_tokens, 1)
+        """Mean per-token entropy of q over every response token of the probe, E and U."""
+        e, u = self.counts["E"], self.counts["U"]
+        return (e.entropy_sum + u.entropy_sum) / max(e.tokens + u.tokens, 1)

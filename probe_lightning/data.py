@@ -185,7 +185,8 @@ def identity_collate(batch: PromptBatch) -> PromptBatch:
 
 
 class ProbeDataModule(pl.LightningDataModule):
-    """The problem pool and, for each probe, a random draw of B_E entropy and B_U update prompts."""
+    """The problem pool and, for each probe, a random draw of B_E entropy and B_U update prompts (and B_V
+    evaluation prompts for the true-change check), disjoint."""
 
     def __init__(
         self,
@@ -195,45 +196,57 @@ class ProbeDataModule(pl.LightningDataModule):
         answer_field: str = "answer",
         B_E: int = 8,
         B_U: int = 8,
+        B_V: int | None = None,
+        evaluate: bool = False,
         num_probes: int = 1,
         batch_config: BatchConfig = BatchConfig(),
         seed: int = 0,
     ):
+        """
+        Args:
+            B_V: evaluation (V) prompts per probe, where the true entropy change is measured (model.eta_sweep);
+                None: B_E.
+            evaluate: draw the V prompts; train.py links it to model.eta_sweep (on when the sweep is).
+        """
         super().__init__()
         require(B_E >= 1, f"data.B_E must be >= 1, got {B_E}")
         require(B_U >= 1, f"data.B_U must be >= 1, got {B_U}")
+        require(B_V is None or B_V >= 1, f"data.B_V must be >= 1, got {B_V}")
         require(num_probes >= 1, f"data.num_probes must be >= 1, got {num_probes}")
         check_source(source, path)
         self.save_hyperparameters()
         self.batch_config = batch_config
         self.problems: list[Problem] = []
-        self.probe_draws: list[tuple[list[int], list[int]]] = []  # per probe: (E pool indices, U pool indices)
+        self.probe_draws: list[dict[str, list[int]]] = []  # per probe and role: pool indices
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         self.problems = load_problems(hp.source, hp.path, hp.question_field, hp.answer_field, hp.seed)
-        needed = hp.B_E + hp.B_U
+        B_V = (hp.B_E if hp.B_V is None else hp.B_V) if hp.evaluate else 0
+        needed = hp.B_E + hp.B_U + B_V
         if len(self.problems) < needed:
+            sizes = "data.B_E + data.B_U" + (" + data.B_V" if B_V else "")
             raise ProbeConfigError(
-                f"data.B_E + data.B_U = {needed} exceeds the {len(self.problems)} problems of "
-                f"{hp.path or hp.source!r}: lower data.B_E/data.B_U or use a larger dataset"
+                f"{sizes} = {needed} exceeds the {len(self.problems)} problems of "
+                f"{hp.path or hp.source!r}: lower the batch sizes or use a larger dataset"
             )
         self.probe_draws = []
         for k in range(hp.num_probes):
-            drawn = np.random.default_rng([hp.seed, k]).choice(len(self.problems), size=needed, replace=False).tolist()
-            self.probe_draws.append((drawn[: hp.B_E], drawn[hp.B_E :]))
-
-    def probe_prompts(self, k: int) -> tuple[list[Problem], list[Problem]]:
-        """The E and U problems of probe k (disjoint)."""
-        e_ids, u_ids = self.probe_draws[k]
-        return [self.problems[i] for i in e_ids], [self.problems[i] for i in u_ids]
+            drawn = np.random.default_rng([hp.seed, k]).choice(len(self.problems), size=needed - B_V, replace=False)
+            draw = {"E": drawn[: hp.B_E].tolist(), "U": drawn[hp.B_E :].tolist()}
+            if B_V:  # from its own generator, so E and U are the same draws with and without V
+                rest = np.setdiff1d(np.arange(len(self.problems)), drawn)
+                draw["V"] = np.random.default_rng([hp.seed, k, 1]).choice(rest, size=B_V, replace=False).tolist()
+            self.probe_draws.append(draw)
 
     def prompt_batches(self) -> list[PromptBatch]:
-        """All rollout batches in consumption order; each probe's final U batch has last_in_probe=True."""
+        """All rollout batches in consumption order: per probe E, then V (if any), then U; each probe's
+        final U batch has last_in_probe=True."""
         size = self.batch_config.rollout_batch_size
         batches = []
-        for k, (e_ids, u_ids) in enumerate(self.probe_draws):
-            for role, ids in (("E", e_ids), ("U", u_ids)):
+        for k, draw in enumerate(self.probe_draws):
+            for role in ("E", "V", "U"):
+                ids = draw.get(role, [])
                 for start in range(0, len(ids), size):
                     chunk = ids[start : start + size]
                     batches.append(

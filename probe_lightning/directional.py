@@ -11,7 +11,7 @@ import torch
 
 from probe_lightning.accumulator import NamedParams
 from probe_lightning.rollout import Rollout
-from probe_lightning.sequence_processor import SequenceProcessor
+from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
 
 
 @contextmanager
@@ -31,11 +31,11 @@ def directional_derivatives(
     named_params: NamedParams,
     rollouts: list[Rollout],
     directions: dict[str, list[torch.Tensor]],
-    rollout_loss: Callable[[Rollout, torch.Tensor], torch.Tensor],
+    rollout_loss: Callable[[Rollout, TeacherForcing], torch.Tensor],
 ) -> dict[str, tuple[torch.Tensor, list[int]]]:
     """Per role, (the derivative of each prompt's loss along directions[role] in float64, its prompt ids).
 
-    rollout_loss(rollout, seq_logprobs) -> [B] per-prompt losses (L_X for role E, L_Y for role U).
+    rollout_loss(rollout, its teacher forcing) -> [B] per-prompt losses (L_X for role E, L_Y for role U).
     """
     names = [n for n, _ in named_params]
     primals = tuple(p.detach() for _, p in named_params)
@@ -49,7 +49,7 @@ def directional_derivatives(
 
                 def loss(*params, micro=micro):
                     tf = processor.teacher_force_logprobs(micro.batch, parameters=dict(zip(names, params)))
-                    return rollout_loss(micro, tf.seq_logprobs)
+                    return rollout_loss(micro, tf)
 
                 _, derivative = torch.func.jvp(loss, primals, tangents)
                 derivatives[rollout.role].append(derivative.double())

@@ -1,19 +1,15 @@
-"""The probe's estimators as plain functions on tensors (MATH.md). No model, no Lightning.
+"""The probe's estimators as plain functions on tensors (docs/math.md). No model, no Lightning.
 
-Shapes: B prompts, G responses each. seq_logprobs S [B, G] carries the graph to the parameters;
-everything multiplying it is detached, so autograd of a loss here is X(p) or ∇J(p) summed over prompts.
+Shapes: B prompts, G responses each, R response positions. Log-probs (S [B, G] or log q [B, G, R]) and
+the per-token entropies H [B, G, R] carry the graph to the parameters; every coefficient multiplying a
+log-prob is detached, so autograd of a loss here is X(p) or ∇J(p) summed over prompts.
 """
 
 import math
 
 import torch
 
-WEIGHTING_MODES = ("dr_grpo", "per_token_avg", "budget")
-
-
-def advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """DR-GRPO: A_g = r_g - mean_g' r_g' per prompt. [B, G] -> [B, G]."""
-    return rewards - rewards.mean(dim=1, keepdim=True)
+from probe_lightning.config import EntropyTarget, Estimator, require
 
 
 def weighted_logprobs(
@@ -26,7 +22,7 @@ def weighted_logprobs(
         return seq_logprobs / gen_lens
     if mode == "budget":
         return seq_logprobs / budget
-    raise ValueError(f"weighting_mode must be one of {WEIGHTING_MODES}, got {mode!r}")
+    raise ValueError(f"entropy_target must be dr_grpo, per_token_avg or budget here, got {mode!r}")
 
 
 def loo_coefficients(weighted: torch.Tensor) -> torch.Tensor:
@@ -54,8 +50,72 @@ def entropy_loss(
     return loss
 
 
+def loo_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over the other G - 1 responses of the prompt (dim 1), a baseline independent of the
+    response itself; 0 (no baseline) when G = 1."""
+    G = values.shape[1]
+    if G == 1:
+        return torch.zeros_like(values)
+    return (values.sum(dim=1, keepdim=True) - values) / (G - 1)
+
+
+def still_to_come(values: torch.Tensor) -> torch.Tensor:
+    """Σ_{t>s} values_t at each position s of [..., R]: what token s's choice still influences."""
+    return values.flip(-1).cumsum(-1).flip(-1) - values
+
+
+def entropy_components(
+    token_logprobs: torch.Tensor,
+    token_entropies: torch.Tensor,
+    response_mask: torch.Tensor,
+    max_lengths: torch.Tensor,
+    target: EntropyTarget,
+    estimator: Estimator,
+    budget: int,
+) -> torch.Tensor:
+    """Per-prompt losses [B, K] whose gradients give X(p) (docs/math.md "Which entropy").
+
+    K = 1 for budget, per_token_avg and dr_grpo: X(p) = ∇ loss. K = 2 for token_mean: the gradients of
+    the two columns estimate ∇E[Σ_t H_t] and ∇E[|y|]; X(p) = (∇col0 − Ĥ_tok ∇col1) / Ê|y| with the
+    plug-ins Ĥ_tok, Ê|y| of the whole E batch (`token_mean_weights`).
+    rb: the exact per-token entropies H_t with causal score terms (each token's score times the entropy
+    still to come); naive: -S as the entropy, one score per response. Baselines: the other responses'.
+    """
+    require(target != "dr_grpo" or estimator == "naive", "model.estimator rb does not apply to entropy_target dr_grpo")
+    mask = response_mask.to(token_logprobs.dtype)
+    S = token_logprobs.sum(-1)
+    lengths = mask.sum(-1)
+    if estimator == "naive" and target != "token_mean":
+        return entropy_loss(S, lengths, max_lengths, target, budget)[:, None]
+    if estimator == "naive":  # token_mean: −S for Σ_t H_t and |y|, each with its leave-one-out baseline
+        neg_s = -S.detach()
+        return torch.stack(
+            [((neg_s - loo_mean(neg_s)) * S).mean(1), ((lengths - loo_mean(lengths)) * S).mean(1)], dim=1
+        )
+    H = token_entropies * mask
+    total_entropy = H.sum(-1)  # [B, G], differentiable: the Σ_t ∇H_t term
+    entropy_to_come = still_to_come(H.detach())
+    causal = ((entropy_to_come - loo_mean(entropy_to_come)) * token_logprobs).sum(-1)
+    if target == "budget":
+        return ((total_entropy + causal) / budget).mean(1)[:, None]
+    if target == "per_token_avg":  # f = Σ_t H_t / |y| depends on the whole response: one score per response
+        f = total_entropy / lengths.clamp(min=1)
+        f_value = f.detach()
+        return (f + (f_value - loo_mean(f_value)) * S).mean(1)[:, None]
+    tokens_to_come = still_to_come(mask)
+    length_part = ((tokens_to_come - loo_mean(tokens_to_come)) * token_logprobs).sum(-1)
+    return torch.stack([(total_entropy + causal).mean(1), length_part.mean(1)], dim=1)
+
+
+def token_mean_weights(entropy_sum: float, num_tokens: int, num_responses: int) -> list[float]:
+    """X(p) = w · ∇(components): [1 / Ê|y|, −Ĥ_tok / Ê|y|], Ĥ_tok = ΣH_t / Σ|y| and Ê|y| over the E batch."""
+    mean_length = num_tokens / num_responses
+    token_mean_entropy = entropy_sum / num_tokens
+    return [1.0 / mean_length, -token_mean_entropy / mean_length]
+
+
 def update_loss(seq_logprobs: torch.Tensor, advantages: torch.Tensor, max_lengths: torch.Tensor) -> torch.Tensor:
-    """Per-prompt L_Y(p) = (1/G) Σ_g detach(A_g / L_max) S(y_g), [B]; its gradient is ∇J(p)."""
+    """The seed's loss: per-prompt L_Y(p) = (1/G) Σ_g detach(A_g / L_max) S(y_g), [B]; its gradient is ∇J(p)."""
     return (advantages.detach() / max_lengths[:, None] * seq_logprobs).mean(dim=1)
 
 
@@ -74,3 +134,9 @@ def plugin_standard_error(a_e: torch.Tensor, b_u: torch.Tensor, learning_rate: f
         return float("nan")
     a_e, b_u = a_e.double(), b_u.double()
     return learning_rate * math.sqrt(a_e.var().item() / len(a_e) + b_u.var().item() / len(b_u))
+
+
+def standard_error_parts(a_e: torch.Tensor, b_u: torch.Tensor, learning_rate: float) -> dict[str, float]:
+    """The E and U terms of the plug-in SE, η sqrt(Var(a_e)/B_E) and η sqrt(Var(b_u)/B_U): which batch to grow."""
+    part = lambda d: learning_rate * math.sqrt(d.double().var().item() / len(d)) if len(d) > 1 else float("nan")  # noqa: E731
+    return {"E": part(a_e), "U": part(b_u)}

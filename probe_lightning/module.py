@@ -7,11 +7,12 @@ import lightning.pytorch as pl
 import torch
 
 from probe_lightning.checkpoints import LoadedCheckpoint, load_checkpoint
-from probe_lightning.config import ProbeConfigError, SamplingConfig, Update, WeightingMode
+from probe_lightning.config import EntropyTarget, Estimator, ProbeConfigError, SamplingConfig, TrainerConfig, Update
 from probe_lightning.data import PromptBatch
 from probe_lightning.models import DEFAULT_MODEL, load_model_and_tokenizer
-from probe_lightning.probe import Probe, ProbeSettings, RolloutCheck, StepOutput, build_probe
+from probe_lightning.probe import Probe, RolloutCheck, StepOutput, build_probe
 from probe_lightning.sequence_processor import GenerationConfig, SequenceProcessor
+from probe_lightning.settings import ProbeSettings
 
 
 class EntropyProbe(pl.LightningModule):
@@ -22,12 +23,15 @@ class EntropyProbe(pl.LightningModule):
         optimizer_state: str | None = None,
         update: Update | None = None,
         learning_rate: float | None = None,
-        G: int = 4,
+        G: int | None = None,
         G_E: int | None = None,
-        weighting_mode: WeightingMode = "dr_grpo",
+        entropy_target: EntropyTarget = "token_mean",
+        estimator: Estimator = "rb",
+        trainer: TrainerConfig = TrainerConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         generation: GenerationConfig = GenerationConfig(),
         standard_error: bool = True,
+        eta_sweep: list[float] | None = None,
     ):
         """
         Args:
@@ -39,19 +43,26 @@ class EntropyProbe(pl.LightningModule):
             optimizer_state: without a checkpoint, a torch.save'd Adam/AdamW state_dict for `model`'s
                 trainable parameters in model order.
             update: the update geometry (probe_lightning/update.py): identity (P = 1, plain SGD),
-                adam_precondition (Ȳ = P ∇J̄, the seed's) or adamw_step (Ȳ = the exact AdamW step Δθ).
-                None: adam_precondition with an optimizer state, identity without.
+                adam_precondition (Ȳ = P ∇J̄, the seed's) or adamw_step (Ȳ = the exact AdamW step Δθ, with
+                the trainer's clipping). None: adamw_step with an optimizer state, identity without.
             learning_rate: η. None: the lr the checkpoint's optimizer would use for its next step.
-            G: responses per update (U) prompt; needs G >= 2, else every advantage is 0.
+            G: responses per update (U) prompt (TRL's num_generations); needs G >= 2, else every advantage
+                is 0. None: the checkpoint's, else TRL's default.
             G_E: responses per entropy (E) prompt; defaults to G. G_E = 1 drops the LOO baseline.
-            weighting_mode: dr_grpo (the seed's default), per_token_avg or budget (docs/math.md).
+            entropy_target: the entropy whose change δH₁ predicts: token_mean (what trainers log),
+                budget, per_token_avg, or dr_grpo (the seed's −S/L_max, biased when lengths vary).
+            estimator: rb (exact per-token entropies, causal scores) or naive (−S, one score per response).
+            trainer: the user's trainer settings (loss_type, scale_rewards, max_grad_norm, beta), as TRL
+                names them; None: the checkpoint's training_args.bin, else TRL's default.
             standard_error: also compute δH₁'s plug-in standard error and the per-update-prompt
                 contributions (one extra forward-mode pass over the probe's sequences).
+            eta_sweep: learning rates at which to measure the true entropy change of the real step on a
+                fresh evaluation batch (data.B_V prompts), beside δH₁(η) and the covariance proxy. Empty: off.
         """
         super().__init__()
         self.settings = ProbeSettings(
-            model, checkpoint, optimizer_state, update, learning_rate, G, G_E, weighting_mode, sampling, generation,
-            standard_error,
+            model, checkpoint, optimizer_state, update, learning_rate, G, G_E, entropy_target, estimator, trainer,
+            sampling, generation, standard_error, eta_sweep,
         )  # fmt: skip
         self.save_hyperparameters()
         self.policy = None

@@ -11,8 +11,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from probe_lightning.true_change import sweep_summary
+
 # results.json's top level carries these per-probe numbers averaged over the probes.
-_AVERAGED = ("delta_h1", "bars_dot", "x_norm", "y_norm", "B_E", "B_U", "reward_mean", "entropy_mean")
+_AVERAGED = (
+    "delta_h1", "bars_dot", "x_norm", "y_norm", "B_E", "B_U", "reward_mean", "entropy_mean", "clip_factor",
+    "mixed_update_fraction",
+)  # fmt: skip
 
 
 @dataclass
@@ -28,7 +33,14 @@ class ProbeResult:
     B_U: int
     reward_mean: float
     entropy_mean: float  # mean per-token entropy of q over all response tokens of the probe
+    clip_factor: float = 1.0  # the trainer's gradient clipping: min(1, max_grad_norm / (‖∇J̄‖ + 1e-6))
+    mixed_update_fraction: float = 1.0  # U prompts whose responses got different rewards (else all A = 0)
     delta_h1_se: float | None = None  # plug-in standard error (docs/math.md); None when not computed
+    delta_h1_se_parts: dict[str, float] | None = None  # its E and U terms: sqrt of each variance term
+    # Cov(log π(y_t), A(y_t)) over the U batch's tokens: Cui et al.'s proxy predicts ΔH ≈ −η · covariance
+    covariance: float | None = None
+    eta_sweep: list[dict] | None = None  # per η: δH₁(η), the true ΔH with SE and ESS, ratio, covariance proxy
+    eta_sweep_summary: dict | None = None  # noise floor, linear-regime limit, log-log slope
     # η b_u / B_U per update prompt, keyed by prompt id: they sum to delta_h1 exactly
     update_prompt_contributions: dict[int, float] | None = None
 
@@ -41,7 +53,9 @@ class RunInfo:
     learning_rate: float
     learning_rate_source: str
     update: str  # the update geometry: identity, adam_precondition or adamw_step (update.py)
-    weighting_mode: str
+    entropy_target: str  # token_mean, budget, per_token_avg or dr_grpo
+    estimator: str  # rb or naive
+    trainer: dict[str, dict]  # TRL's settings of the step: {name: {"value": ..., "source": config|checkpoint|default}}
     G: int
     G_E: int
     use_sequence_processor: bool
@@ -78,7 +92,15 @@ class RunResults:
         """results.json: the settings, one row per probe, and their mean (with its standard error)."""
         results = {**asdict(self.info), "preconditioner": self.info.preconditioner}
         results["probes"] = [asdict(p) for p in self.probes]
+        if any(p.mixed_update_fraction == 0 for p in self.probes):
+            results["empty"] = NO_MIXED_OUTCOMES
         return summarise(results)
+
+
+NO_MIXED_OUTCOMES = (
+    "every U prompt's responses got the same reward, so every advantage is 0 and δH₁ = 0 says nothing "
+    "about the step: use a larger G, prompts the model solves sometimes, or a reward with partial credit"
+)
 
 
 def summarise(results: dict) -> dict:
@@ -89,6 +111,8 @@ def summarise(results: dict) -> dict:
     summary = {key: sum(p[key] for p in probes) / len(probes) for key in _AVERAGED}
     if all(p["delta_h1_se"] is not None for p in probes):  # plug-in SE of the mean of independent probes
         summary["delta_h1_se"] = math.sqrt(sum(p["delta_h1_se"] ** 2 for p in probes)) / len(probes)
+    if probes[0].get("eta_sweep"):
+        summary.update(_mean_sweep(probes))
     values = [p["delta_h1"] for p in probes]
     if len(values) > 1:
         mean = summary["delta_h1"]
@@ -97,7 +121,20 @@ def summarise(results: dict) -> dict:
     return {**results, **summary, "num_probes": len(probes)}
 
 
-def run_notes(update: str, G: int, G_E: int) -> list[str]:
+def _mean_sweep(probes: list[dict]) -> dict:
+    """The η sweep's rows averaged over the probes (SEs combined as for independent means), and its summary."""
+    n = len(probes)
+    rows = []
+    for eta_rows in zip(*(p["eta_sweep"] for p in probes)):
+        row = {key: sum(r[key] for r in eta_rows) / n for key in eta_rows[0]}
+        for key in ("delta_h_true_se", "ratio_se", "delta_h_true_on_E_se"):
+            row[key] = math.sqrt(sum(r[key] ** 2 for r in eta_rows)) / n
+        rows.append(row)
+    noise_floor = max(p["eta_sweep_summary"]["noise_floor"] for p in probes)
+    return {"eta_sweep": rows, "eta_sweep_summary": sweep_summary(rows, noise_floor)}
+
+
+def run_notes(update: str, G: int, G_E: int, entropy_target: str, estimator: str, loss_type: str) -> list[str]:
     """What a reader of the numbers must know about how they were made."""
     notes = []
     if update == "identity":
@@ -105,8 +142,20 @@ def run_notes(update: str, G: int, G_E: int) -> list[str]:
     if update == "adamw_step":
         notes.append(
             "update adamw_step: δH₁ = ⟨X̄, Δθ⟩ includes AdamW's momentum drift; the update prompt "
-            "contributions linearise Δθ at ∇J̄ and sum to ⟨X̄, D ∇J̄⟩, not to δH₁"
+            "contributions linearise Δθ at the clipped ∇J̄ and sum to ⟨X̄, D ∇J̄⟩, not to δH₁"
         )
+    if entropy_target == "dr_grpo":
+        notes.append(
+            "entropy_target dr_grpo (the seed's −S/L_max): its X̄ is biased when response lengths vary "
+            "(L_max couples the G responses); token_mean is the entropy trainers log"
+        )
+    if entropy_target == "per_token_avg" and estimator == "naive":
+        notes.append(
+            "per_token_avg with estimator naive estimates ∇E[−S/|y|], which differs from ∇E[Σ_t H_t / |y|] when "
+            "response lengths vary (1/|y| depends on the sampled tokens): use estimator rb"
+        )
+    if loss_type == "bnpo":
+        notes.append("loss_type bnpo: the U batch is one local batch, so its normaliser is dapo's (its tokens)")
     if G_E == 1:
         notes.append("G_E = 1: X uses no leave-one-out baseline (unbiased, higher variance)")
     if G == 1:

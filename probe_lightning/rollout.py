@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from probe_lightning.config import require
+from probe_lightning.config import ScaleRewards, require
 from probe_lightning.data import PromptBatch, format_prompt
-from probe_lightning.estimators import advantages as group_advantages
 from probe_lightning.rewards import correctness_reward
 from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor
+from probe_lightning.trainer_loss import advantages
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Rollout:
     prompts: PromptBatch
     batch: BatchedSequences
     rewards: torch.Tensor  # [B, G] float32
-    advantages: torch.Tensor  # [B, G] A_g = r_g - mean r (DR-GRPO)
+    advantages: torch.Tensor  # [B, G] A_g = r_g - mean r, divided by the group's std + 1e-4 if scale_rewards group
     max_lengths: torch.Tensor  # [B] float32 L_max(p) >= 1
     use_sequence_processor: bool
 
@@ -53,15 +53,23 @@ class Rollout:
 
 
 class RolloutMaker:
-    """PromptBatch -> Rollout: chat-formatted prompts, G samples each from q, rewards, advantages."""
+    """PromptBatch -> Rollout: chat-formatted prompts, G samples each from q, rewards, advantages.
 
-    def __init__(self, processor: SequenceProcessor, use_sequence_processor: bool, G: int, G_E: int):
+    scale_rewards "batch" divides by the whole U batch's reward std, known only when the probe ends:
+    its rollouts carry r - mean r and the probe applies the factor to ∇J̄.
+    """
+
+    def __init__(
+        self, processor: SequenceProcessor, use_sequence_processor: bool, G: int, G_E: int, scale_rewards: ScaleRewards
+    ):
         self.processor = processor
         self.use_sequence_processor = use_sequence_processor
         self.G, self.G_E = G, G_E
+        self.scale_rewards = "group" if scale_rewards == "group" else "none"
 
     def num_samples(self, role: str) -> int:
-        return self.G_E if role == "E" else self.G
+        """G for update prompts, G_E for entropy and evaluation prompts."""
+        return self.G if role == "U" else self.G_E
 
     def __call__(self, prompts: PromptBatch) -> Rollout:
         G = self.num_samples(prompts.role)
@@ -74,7 +82,8 @@ class RolloutMaker:
             batch, max_lengths = self._legacy_generate(texts, G)
         device = batch.sequences.device
         rewards = torch.tensor(
-            [[correctness_reward(text, answer) for text in texts] for texts, answer in zip(batch.responses_text, prompts.answers)],
+            [[correctness_reward(text, answer) for text in texts]
+             for texts, answer in zip(batch.responses_text, prompts.answers)],
             dtype=torch.float32,
             device=device,
         )  # fmt: skip
@@ -82,7 +91,7 @@ class RolloutMaker:
             prompts=prompts,
             batch=batch,
             rewards=rewards,
-            advantages=group_advantages(rewards),
+            advantages=advantages(rewards, self.scale_rewards),
             max_lengths=max_lengths.to(device=device, dtype=torch.float32),
             use_sequence_processor=self.use_sequence_processor,
         )

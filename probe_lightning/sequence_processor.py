@@ -18,7 +18,7 @@ from probe_lightning.token_scores import token_scores
 class GenerationConfig:
     """How responses are sampled. pad/eos ids left as None are taken from the tokenizer."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None  # TRL's max_completion_length; None: the checkpoint's, else TRL's default
     temperature: float = 1.0
     top_p: float = 1.0
     pad_token_id: int | None = None
@@ -32,7 +32,10 @@ class GenerationConfig:
     def __post_init__(self):
         require(self.temperature > 0, f"generation.temperature must be > 0, got {self.temperature}")
         require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
-        require(self.max_new_tokens >= 1, f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}",
+        )
         require(self.gen_batch_size >= 1, f"generation.gen_batch_size must be >= 1, got {self.gen_batch_size}")
         require(self.tf_batch_size >= 1, f"generation.tf_batch_size must be >= 1, got {self.tf_batch_size}")
 
@@ -119,15 +122,33 @@ class BatchedSequences:
             responses_text=self.responses_text[prompts],
         )
 
+    def left_padded(self, extra: int) -> "BatchedSequences":
+        """The same sequences with `extra` more padding columns before every prompt: an equally valid
+        float32 evaluation of the same numbers (how far apart the two are is the forward's resolution)."""
+        B, G, _ = self.sequences.shape
+        pad = torch.full((B, G, extra), self.pad_token_id, dtype=self.sequences.dtype, device=self.sequences.device)
+        masked = torch.zeros_like(pad, dtype=self.attention_masks.dtype)
+        return replace(
+            self,
+            sequences=torch.cat([pad, self.sequences], dim=2),
+            attention_masks=torch.cat([masked, self.attention_masks], dim=2),
+            prompt_lens=[n + extra for n in self.prompt_lens],
+        )
+
 
 @dataclass
 class TeacherForcing:
     """Scores of a BatchedSequences under q. R = T - P response positions; zeros off the response mask."""
 
     token_logprobs: torch.Tensor  # [B, G, R] log q(y_t | p, y_<t), float32
-    token_entropies: torch.Tensor  # [B, G, R] entropy of q(. | p, y_<t), float32, detached
+    token_entropies: torch.Tensor  # [B, G, R] entropy H_t of q(. | p, y_<t), float32, graph kept iff with_grad
     seq_logprobs: torch.Tensor  # [B, G] S(y): sum of token_logprobs
     response_mask: torch.Tensor  # [B, G, R]
+
+    def detached(self) -> "TeacherForcing":
+        return TeacherForcing(
+            self.token_logprobs.detach(), self.token_entropies.detach(), self.seq_logprobs.detach(), self.response_mask
+        )
 
 
 class SequenceProcessor:
@@ -138,6 +159,7 @@ class SequenceProcessor:
             config = replace(config, pad_token_id=tokenizer.pad_token_id)
         if config.eos_token_id is None:
             config = replace(config, eos_token_id=tokenizer.eos_token_id)
+        require(config.max_new_tokens is not None, "generation.max_new_tokens is not set")
         self.config = config
 
     @property

@@ -12,7 +12,7 @@ _CHUNK_ELEMENTS = 1 << 22  # vocabulary-sized float32 work per chunk (16 MiB)
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList, with_grad: bool):
-    """(log q(targets), entropies of q), [N, R] each, from [N, R, V] logits; entropies are detached.
+    """(log q(targets), entropies of q), [N, R] each, from [N, R, V] logits, both differentiable.
 
     with_grad: a custom backward that never keeps a vocabulary-sized tensor beyond the logits.
     Otherwise plain autograd ops, so forward-mode AD (the directional-derivative jvp) runs through them.
@@ -25,32 +25,41 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProc
 
 
 class _TokenScores(torch.autograd.Function):
-    """(log q(y_t), entropy of q) at every position of [N, R, V] logits, rows_per_chunk rows at a time.
+    """(log q(y_t), entropy H_t of q) at every position of [N, R, V] logits, rows_per_chunk rows at a time.
 
     Nothing vocabulary-sized is kept beyond the logits themselves: backward rebuilds q chunk by chunk,
-    d log q(y) / d scores = onehot(y) - q, and never recomputes the (detached) entropies.
+    d log q(y) / d scores = onehot(y) − q and dH / d scores = −q (log q + H).
     """
 
     @staticmethod
     def forward(ctx, logits, targets, warper: LogitsProcessorList, rows_per_chunk: int):
         ctx.save_for_backward(logits, targets)
         ctx.warper, ctx.rows_per_chunk = warper, rows_per_chunk
+        ctx.set_materialize_grads(False)  # a None gradient for the entropies: the loss does not use them
         chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
-        entropies = torch.cat([ent for _, ent in chunks])
-        ctx.mark_non_differentiable(entropies)
-        return torch.cat([lp for lp, _ in chunks]), entropies
+        return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logprobs, _grad_entropies):
+    def backward(ctx, grad_logprobs, grad_entropies):
         logits, targets = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        for z, y, g, out in _split(ctx.rows_per_chunk, logits, targets, grad_logprobs, grad_logits):
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+        chunks = _split(ctx.rows_per_chunk, logits, targets, grad_logprobs, grad_logits)
+        for i, (z, y, g, out) in enumerate(chunks):
             with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
                 z = z.detach().requires_grad_(bool(ctx.warper))
                 scores = _warp(z, ctx.warper)
             g = g[..., None].float()
-            grad_scores = scores.detach().softmax(-1).mul_(-g).scatter_add_(-1, y[..., None], g)
+            q = scores.detach().softmax(-1)
+            grad_scores = q.mul(-g).scatter_add_(-1, y[..., None], g)
+            if grad_entropies is not None:
+                g_h = grad_entropies.split(ctx.rows_per_chunk)[i][..., None].float()
+                logq = scores.detach().log_softmax(-1)
+                entropy = -(q * logq).nansum(-1, keepdim=True)
+                # Outside the top-p set q = 0: its term is 0, not 0 · (−inf).
+                grad_scores -= g_h * torch.where(q > 0, q * (logq + entropy), 0.0)
             out.copy_(torch.autograd.grad(scores, z, grad_scores)[0] if ctx.warper else grad_scores)
         return grad_logits, None, None, None
 
@@ -72,4 +81,4 @@ def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsPro
     token_logprobs = logq.gather(-1, targets[..., None]).squeeze(-1)
     # Tokens outside the top-p set have q = 0, log q = -inf: their 0 * -inf = nan terms count as 0.
     entropies = -(logq.exp() * logq).nansum(-1)
-    return token_logprobs, entropies.detach()
+    return token_logprobs, entropies

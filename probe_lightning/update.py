@@ -14,15 +14,17 @@ from probe_lightning.preconditioning import AdamParamState, adam_precondition, a
 
 
 def resolve_update(update: Update | None, has_optimizer_state: bool) -> Update:
-    """The configured geometry, or by default adam_precondition with an Adam state and identity without."""
+    """The geometry of the step: by default the exact AdamW step with an Adam state, identity without.
+
+    adam_precondition without a state falls back to identity (P = 1), as the seed's geometry did.
+    """
     if update is None:
-        return "adam_precondition" if has_optimizer_state else "identity"
+        return "adamw_step" if has_optimizer_state else "identity"
     require(
-        update == "identity" or has_optimizer_state,
-        f"model.update {update} needs an Adam state: set model.checkpoint or model.optimizer_state, "
-        "or model.update: identity",
+        update != "adamw_step" or has_optimizer_state,
+        "model.update adamw_step needs an Adam state: set model.checkpoint or model.optimizer_state",
     )
-    return update
+    return update if has_optimizer_state else "identity"
 
 
 @dataclass
@@ -50,6 +52,12 @@ class UpdateGeometry:
         if self.kind == "adamw_step":
             return adamw_step(self.states, params, grad_j)
         return grad_j
+
+    def step(self, grad_j: list[torch.Tensor], params: list[torch.Tensor], eta: float) -> list[torch.Tensor]:
+        """Δθ(η), the parameter change of this geometry's step at learning rate η (linear in η)."""
+        if self.kind == "adamw_step":
+            return adamw_step([replace(s, lr=eta) for s in self.states], params, grad_j)
+        return [eta * y for y in self.step_direction(grad_j, params)]
 
     def update_tangent(
         self, x_bar: list[torch.Tensor], grad_j: list[torch.Tensor], params: list[torch.Tensor]

@@ -6,20 +6,31 @@ from dataclasses import replace
 import torch
 
 from probe_lightning.checkpoints import load_checkpoint
+from probe_lightning.config import TrainerConfig
 from probe_lightning.data import PromptBatch
 from probe_lightning.models import load_model_and_tokenizer
-from probe_lightning.probe import Probe, ProbeSettings, build_probe
+from probe_lightning.probe import Probe, build_probe
 from probe_lightning.sequence_processor import GenerationConfig, SequenceProcessor
+from probe_lightning.settings import ProbeSettings
 
 # Only the output layer is trainable in the exactness tests, which keeps the noise of ⟨X̄, Ȳ⟩ low
 # enough for tests with power.
 TRAINABLE = ("lm_head",)
+# The seed's own step: A_g / L_max, no reward scaling, no clipping (E[Ȳ] = (1 - 1/G) ∇E[r] / T exactly).
+SEED_TRAINER = TrainerConfig(loss_type="seed", scale_rewards="none", max_grad_norm=0)
 
 
-def make_probe(world: str, tf_batch_size: int = 256, trainable: tuple[str, ...] | None = TRAINABLE, **settings) -> Probe:
-    """A Probe on the world model; `trainable`: name prefixes of the trainable parameters (None: all)."""
+def make_probe(
+    world: str, tf_batch_size: int = 256, trainable: tuple[str, ...] | None = TRAINABLE, **settings
+) -> Probe:
+    """A Probe on the world model (the seed's step and target unless told otherwise); `trainable`: name
+    prefixes of the trainable parameters (None: all)."""
     generation = GenerationConfig(max_new_tokens=3, tf_batch_size=tf_batch_size, gen_batch_size=256)
-    settings = ProbeSettings(**{"model": world, "G": 4, "learning_rate": 1.0, "generation": generation, **settings})
+    defaults = dict(
+        model=world, G=4, learning_rate=1.0, generation=generation, trainer=SEED_TRAINER, entropy_target="dr_grpo",
+        estimator="naive",
+    )  # fmt: skip
+    settings = ProbeSettings(**{**defaults, **settings})
     checkpoint = None
     if settings.checkpoint:
         checkpoint = load_checkpoint(settings.checkpoint, settings.model, settings.update != "identity")
@@ -32,10 +43,12 @@ def make_probe(world: str, tf_batch_size: int = 256, trainable: tuple[str, ...] 
     return build_probe(SequenceProcessor(model, tokenizer, settings.generation), settings, checkpoint)
 
 
-def prompt_batches(probe_index, entropy_prompts, update_prompts, rollout_batch_size) -> list[PromptBatch]:
-    """The DataModule's batch order: E batches, then U batches, the last one closing the probe."""
+def prompt_batches(
+    probe_index, entropy_prompts, update_prompts, rollout_batch_size, evaluation_prompts=()
+) -> list[PromptBatch]:
+    """The DataModule's batch order: E batches, V batches (if any), then U batches, the last one closing the probe."""
     batches = []
-    for role, prompts in (("E", entropy_prompts), ("U", update_prompts)):
+    for role, prompts in (("E", entropy_prompts), ("V", evaluation_prompts), ("U", update_prompts)):
         for start in range(0, len(prompts), rollout_batch_size):
             chunk = prompts[start : start + rollout_batch_size]
             batches.append(

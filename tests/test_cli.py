@@ -63,6 +63,34 @@ def test_predict_writes_results_json_and_logs_delta_h1(world, prompts_file, tmp_
     assert "probe/delta_h1" in metrics and "memory/peak_rss_mib_E_batches" in metrics
 
 
+def test_the_printed_line_names_the_target_and_says_when_the_number_is_empty(world, prompts_file, tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--model.G", "1"))
+    (line,) = [r.message for r in caplog.records if r.message.startswith("δH₁ = ")]
+    assert "for the token_mean entropy" in line and "mixed U prompts: 0%" in line and "[empty: " in line
+    results = json.loads(results_file(tmp_path).read_text())
+    assert results["trainer"]["loss_type"] == {"value": "dapo", "source": "default"}
+    assert results["trainer"]["num_generations"] == {"value": 1, "source": "config"}
+    assert (results["entropy_target"], results["estimator"], results["update"]) == ("token_mean", "rb", "identity")
+
+
+def test_an_eta_sweep_writes_its_rows_a_plot_and_tensorboard_figures(world, prompts_file, tmp_path):
+    train.main(
+        cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--model.eta_sweep", "[0, 0.01, 0.1]")
+        + ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", str(tmp_path)]
+    )
+    results = json.loads(results_file(tmp_path).read_text())
+    rows = results["eta_sweep"]
+    assert [row["eta"] for row in rows] == [0, 0.01, 0.1]
+    assert rows[0]["delta_h_true"] == 0 and rows[0]["ess"] == 4 * 4  # B_V = B_E = 4 prompts, G_E = G = 4
+    assert {"delta_h1", "delta_h_true_se", "ratio", "covariance_proxy", "delta_h_true_on_E"} <= rows[1].keys()
+    assert {"noise_floor", "linear_limit_eta", "slope"} <= results["eta_sweep_summary"].keys()
+    assert results["timings"]["eta_sweep"] > 0
+    assert (results_file(tmp_path).parent / "eta_sweep_probe0.png").stat().st_size > 10_000
+    events = list(tmp_path.glob("**/events.out.tfevents.*"))
+    assert events and any(b"eta_sweep" in path.read_bytes() for path in events)
+
+
 def test_a_tensorboard_logger_attached_on_the_command_line_gets_the_metrics(world, prompts_file, tmp_path):
     train.main(
         cli_args(world, prompts_file, tmp_path)
@@ -151,7 +179,9 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(world, prompt
     optimizer.step()
     torch.save(optimizer.state_dict(), state_path)
     with pytest.raises(SystemExit) as exit_info:
-        train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--model.optimizer_state", str(state_path)))
+        train.main(
+            cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--model.optimizer_state", str(state_path))
+        )
     assert "has 1 entries" in str(exit_info.value.code) and "trainable parameters" in str(exit_info.value.code)
 
 
@@ -159,7 +189,8 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(world, prompt
     ("flag", "allowed"),
     [
         ("--model.update", ["identity", "adam_precondition", "adamw_step"]),
-        ("--model.weighting_mode", ["dr_grpo", "per_token_avg", "budget"]),
+        ("--model.entropy_target", ["token_mean", "budget", "per_token_avg", "dr_grpo"]),
+        ("--model.trainer.loss_type", ["seed", "grpo", "bnpo", "dr_grpo", "dapo"]),
         ("--data.source", ["arithmetic", "jsonl", "hf"]),
     ],
 )
@@ -177,7 +208,7 @@ def test_help_lists_the_allowed_values_of_each_choice():
     ).stdout
     text = " ".join(out.split())  # argparse wraps long lines
     assert "Literal['identity', 'adam_precondition', 'adamw_step']" in text
-    assert "--model.weighting_mode {dr_grpo,per_token_avg,budget}" in text
+    assert "--model.entropy_target {token_mean,budget,per_token_avg,dr_grpo}" in text
 
 
 def test_print_config_shows_the_seed_keys():
@@ -187,7 +218,7 @@ def test_print_config_shows_the_seed_keys():
     ).stdout  # fmt: skip
     for key in ("use_sequence_processor:", "top_p:", "temperature:", "max_new_tokens:", "gen_batch_size:",
                 "tf_batch_size:", "rollout_batch_size:", "B_E:", "B_U:", "G:", "learning_rate:",
-                "weighting_mode:", "optimizer_state:", "inference_mode: false"):  # fmt: skip
+                "entropy_target:", "estimator:", "loss_type:", "optimizer_state:", "inference_mode: false"):  # fmt: skip
         assert key in out
 
 

@@ -75,11 +75,18 @@ def test_draws_are_deterministic_under_the_seed():
 
 def test_each_probe_draws_b_e_and_b_u_disjoint_problems():
     data = datamodule(B_E=5, B_U=3, num_probes=4)
-    for k in range(4):
-        e_problems, u_problems = data.probe_prompts(k)
-        e_ids, u_ids = data.probe_draws[k]
-        assert (len(e_problems), len(u_problems)) == (5, 3)
-        assert len(set(e_ids) | set(u_ids)) == 8
+    for draw in data.probe_draws:
+        assert (len(draw["E"]), len(draw["U"])) == (5, 3) and "V" not in draw
+        assert len(set(draw["E"]) | set(draw["U"])) == 8
+
+
+def test_the_evaluation_prompts_are_disjoint_and_leave_e_and_u_unchanged():
+    without = datamodule(B_E=5, B_U=3, num_probes=2)
+    data = datamodule(B_E=5, B_U=3, num_probes=2, evaluate=True)
+    for draw, plain in zip(data.probe_draws, without.probe_draws):
+        assert (draw["E"], draw["U"]) == (plain["E"], plain["U"])
+        assert len(draw["V"]) == 5 and len(set(draw["E"]) | set(draw["U"]) | set(draw["V"])) == 13
+    assert len(datamodule(B_E=5, B_U=3, B_V=7, evaluate=True).probe_draws[0]["V"]) == 7
 
 
 def test_probes_draw_independently():
@@ -101,6 +108,13 @@ def test_batches_come_probe_by_probe_e_before_u_with_the_last_u_batch_flagged():
     ]  # fmt: skip
 
 
+def test_evaluation_batches_come_between_e_and_u():
+    data = datamodule(B_E=2, B_U=2, B_V=3, evaluate=True, batch_config=BatchConfig(rollout_batch_size=2))
+    assert [batch_shape(b) for b in data.predict_dataloader()] == [
+        (0, "E", 2, False), (0, "V", 2, False), (0, "V", 1, False), (0, "U", 2, True),
+    ]  # fmt: skip
+
+
 def test_rollout_batch_size_chunks_each_role_with_a_remainder_batch():
     data = datamodule(B_E=5, B_U=3, batch_config=BatchConfig(rollout_batch_size=2))
     assert [batch_shape(b) for b in data.predict_dataloader()] == [
@@ -111,10 +125,10 @@ def test_rollout_batch_size_chunks_each_role_with_a_remainder_batch():
 def test_batches_carry_the_drawn_problems_and_their_pool_indices():
     data = datamodule(B_E=3, B_U=2, batch_config=BatchConfig(rollout_batch_size=8))
     e_batch, u_batch = list(data.predict_dataloader())
-    e_problems, u_problems = data.probe_prompts(0)
-    assert e_batch.prompt_ids == data.probe_draws[0][0] and u_batch.prompt_ids == data.probe_draws[0][1]
-    assert [Problem(q, a) for q, a in zip(e_batch.questions, e_batch.answers)] == e_problems
-    assert [Problem(q, a) for q, a in zip(u_batch.questions, u_batch.answers)] == u_problems
+    draw = data.probe_draws[0]
+    assert e_batch.prompt_ids == draw["E"] and u_batch.prompt_ids == draw["U"]
+    assert [Problem(q, a) for q, a in zip(e_batch.questions, e_batch.answers)] == [data.problems[i] for i in draw["E"]]
+    assert [Problem(q, a) for q, a in zip(u_batch.questions, u_batch.answers)] == [data.problems[i] for i in draw["U"]]
 
 
 def test_the_datamodule_saves_its_hyperparameters():
@@ -182,7 +196,7 @@ def test_a_data_folder_of_jsonl_files_loads_via_hf(tmp_path, qa_file):
 
 def test_a_jsonl_datamodule_draws_from_the_file(qa_file):
     data = datamodule(source="jsonl", path=qa_file, B_E=3, B_U=3)
-    assert sorted(data.probe_draws[0][0] + data.probe_draws[0][1]) == list(range(6))
+    assert sorted(data.probe_draws[0]["E"] + data.probe_draws[0]["U"]) == list(range(6))
 
 
 # Bad input: one line naming the field and the value

@@ -1,4 +1,4 @@
-"""The estimator functions of MATH.md on hand-computable inputs."""
+"""The estimator functions of docs/math.md on hand-computable inputs."""
 
 import math
 
@@ -6,12 +6,24 @@ import pytest
 import torch
 
 from probe_lightning import estimators
+from probe_lightning.trainer_loss import advantages
 
 
-def test_advantages_subtract_the_group_mean():
+def test_advantages_without_scaling_subtract_the_group_mean():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
     expected = torch.tensor([[0.5, -0.5, -0.5, 0.5], [0.25, 0.25, 0.25, -0.75]])
-    assert torch.equal(estimators.advantages(rewards), expected)
+    assert torch.equal(advantages(rewards, "none"), expected)
+
+
+def test_still_to_come_sums_the_later_positions_only():
+    values = torch.tensor([[[1.0, 2.0, 3.0, 0.0]]])
+    assert torch.equal(estimators.still_to_come(values), torch.tensor([[[5.0, 3.0, 0.0, 0.0]]]))
+
+
+def test_loo_mean_is_the_other_responses_mean_and_zero_alone():
+    values = torch.tensor([[1.0, 2.0, 6.0]])
+    assert torch.equal(estimators.loo_mean(values), torch.tensor([[4.0, 3.5, 1.5]]))
+    assert torch.equal(estimators.loo_mean(values[:, :1]), torch.zeros(1, 1))
 
 
 def test_loo_coefficient_subtracts_the_mean_of_the_other_responses():
@@ -25,7 +37,7 @@ def test_loo_coefficient_with_one_response_has_no_baseline():
     assert torch.equal(estimators.loo_coefficients(weighted), weighted)
 
 
-def test_weighting_modes_divide_by_their_normaliser():
+def test_sequence_targets_divide_by_their_normaliser():
     seq_logprobs = torch.tensor([[-4.0, -6.0]])
     gen_lens = torch.tensor([[2.0, 3.0]])
     max_lengths = torch.tensor([3.0])
@@ -33,7 +45,7 @@ def test_weighting_modes_divide_by_their_normaliser():
     assert torch.allclose(weighted("dr_grpo"), torch.tensor([[-4 / 3, -2.0]]))
     assert torch.allclose(weighted("per_token_avg"), torch.tensor([[-2.0, -2.0]]))
     assert torch.allclose(weighted("budget"), torch.tensor([[-0.5, -0.75]]))
-    with pytest.raises(ValueError, match="weighting_mode must be one of"):
+    with pytest.raises(ValueError, match="entropy_target must be dr_grpo, per_token_avg or budget"):
         weighted("mean")
 
 
@@ -86,3 +98,10 @@ def test_plugin_standard_error_follows_the_formula():
     expected = 0.1 * math.sqrt((5 / 3) / 4 + 2 / 2)
     assert estimators.plugin_standard_error(a_e, b_u, 0.1) == pytest.approx(expected)
     assert math.isnan(estimators.plugin_standard_error(a_e, b_u[:1], 0.1))
+
+
+def test_standard_error_parts_are_the_two_terms_of_the_plugin_se():
+    a_e, b_u = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 2.0])
+    parts = estimators.standard_error_parts(a_e, b_u, 0.1)
+    assert parts == pytest.approx({"E": 0.1 * math.sqrt((5 / 3) / 4), "U": 0.1 * math.sqrt(2 / 2)})
+    assert math.hypot(parts["E"], parts["U"]) == pytest.approx(estimators.plugin_standard_error(a_e, b_u, 0.1))

@@ -30,7 +30,7 @@ def lm_head_adam_state(world, tmp_path_factory) -> str:
 
 
 def test_adam_preconditioned_delta_h1_is_unbiased(world, lm_head_adam_state):
-    probe = make_probe(world, optimizer_state=lm_head_adam_state)
+    probe = make_probe(world, optimizer_state=lm_head_adam_state, update="adam_precondition")
     assert probe.results.info.update == "adam_precondition"
     states = load_optimizer_state(lm_head_adam_state, probe.named_params).adam_states
     exact_prompts = [exact_prompt(probe.processor.model, probe.processor.tokenizer, p) for p in PROMPTS]
@@ -41,6 +41,11 @@ def test_adam_preconditioned_delta_h1_is_unbiased(world, lm_head_adam_state):
     z, se = z_score(values, exact)
     assert se < 0.1 * abs(exact), f"no power: SE {se:.3g} vs exact {exact:.3g}"
     assert z < 3, f"mean {values.mean():.5g} vs exact {exact:.5g}: {z:.2f} SE apart"
+
+
+def test_with_an_adam_state_the_default_update_is_the_adamw_step(world, lm_head_adam_state):
+    assert make_probe(world, optimizer_state=lm_head_adam_state).results.to_dict()["update"] == "adamw_step"
+    assert make_probe(world).results.to_dict()["update"] == "identity"
 
 
 def test_adamw_step_update_is_the_step_torch_adamw_takes(world, lm_head_adam_state):

@@ -35,9 +35,9 @@ def exact_world(world: str, G: int):
 
 
 @functools.cache
-def probes(world: str, weighting_mode: str, G_E: int):
+def probes(world: str, entropy_target: str, G_E: int):
     torch.manual_seed(1234)
-    probe = make_probe(world, G_E=G_E, weighting_mode=weighting_mode)
+    probe = make_probe(world, G_E=G_E, entropy_target=entropy_target)
     return run_probes(probe, NUM_PROBES[G_E], ENTROPY_PROMPTS[G_E], UPDATE_PROMPTS)
 
 
@@ -50,26 +50,26 @@ def project(vectors: list[list[torch.Tensor]], directions: list[torch.Tensor]) -
 # With fixed-length responses dr_grpo and budget are the same estimator (L_max = max_new_tokens = T),
 # so dr_grpo, the default, runs once.
 @pytest.mark.parametrize(
-    ("weighting_mode", "G_E"), [("budget", 1), ("budget", 4), ("per_token_avg", 1), ("per_token_avg", 4), ("dr_grpo", 4)]
+    ("entropy_target", "G_E"), [("budget", 1), ("budget", 4), ("per_token_avg", 1), ("per_token_avg", 4), ("dr_grpo", 4)]
 )
-def test_delta_h1_is_unbiased(world, weighting_mode, G_E):
+def test_delta_h1_is_unbiased(world, entropy_target, G_E):
     exact, _, _ = exact_world(world, G=4)
-    results, _, _ = probes(world, weighting_mode, G_E)
+    results, _, _ = probes(world, entropy_target, G_E)
     values = torch.tensor([r.delta_h1 for r in results], dtype=torch.float64)
     z, se = z_score(values, exact)
     log.info("%s G_E=%d: exact δH₁ %.5g, mean %.5g ± %.2g over %d probes (z=%.2f)",
-             weighting_mode, G_E, exact, values.mean(), se, len(values), z)  # fmt: skip
+             entropy_target, G_E, exact, values.mean(), se, len(values), z)  # fmt: skip
     assert se < 0.1 * abs(exact), f"the test has no power: SE {se:.3g} vs exact {exact:.3g}"
     assert z < 3, f"mean {values.mean():.5g} vs exact {exact:.5g}: {z:.2f} SE apart"
 
 
 @pytest.mark.parametrize("G_E", [1, 4])
-@pytest.mark.parametrize("weighting_mode", ["budget", "per_token_avg"])
-def test_x_bar_and_y_bar_are_unbiased_along_fixed_directions(world, weighting_mode, G_E):
+@pytest.mark.parametrize("entropy_target", ["budget", "per_token_avg"])
+def test_x_bar_and_y_bar_are_unbiased_along_fixed_directions(world, entropy_target, G_E):
     """E[X̄] = ∇H̄ and E[Ȳ] = (1 - 1/G) ∇E[r]/T: z-tests along the exact vector (where a wrong factor
     or sign shows most, and the test must have power) and along two random directions."""
     _, grad_h, expected_y = exact_world(world, G=4)
-    _, x_bars, y_bars = probes(world, weighting_mode, G_E)
+    _, x_bars, y_bars = probes(world, entropy_target, G_E)
     generator = torch.Generator().manual_seed(0)
     size = sum(g.numel() for g in grad_h)
     random_directions = [torch.randn(size, generator=generator, dtype=torch.float64) for _ in range(2)]
@@ -113,7 +113,8 @@ def _sums(probe: Probe, rollouts) -> list[torch.Tensor]:
     probe.sums = ProbeSums(probe.named_params)
     for rollout in rollouts:
         probe.accumulate(rollout)
-    return [torch.cat([s.flatten() for s in probe.sums.sum_x]), torch.cat([s.flatten() for s in probe.sums.sum_y])]
+    (sum_x,) = probe.sums.sum_x  # one entropy column (dr_grpo)
+    return [torch.cat([s.flatten() for s in sum_x]), torch.cat([s.flatten() for s in probe.sums.sum_y])]
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,26 +163,13 @@ def test_sums_equal_per_sample_autograd_on_fixed_samples(world):
         assert _relative_error(probe_sum, reference) < 1e-6
 
 
-def _left_pad(rollout, extra: int):
-    """The same rollout with `extra` more padding columns in front of every prompt."""
-    batch = rollout.batch
-    B, G, _ = batch.sequences.shape
-    padded = replace(
-        batch,
-        sequences=torch.cat([torch.zeros(B, G, extra, dtype=torch.long), batch.sequences], dim=2),
-        attention_masks=torch.cat([torch.zeros(B, G, extra, dtype=torch.long), batch.attention_masks], dim=2),
-        prompt_lens=[n + extra for n in batch.prompt_lens],
-    )
-    return replace(rollout, batch=padded)
-
-
 def test_sums_do_not_depend_on_microbatches_rollout_batches_or_left_padding(world):
     probe = make_probe(world)
     rollouts = _rollouts(probe)
     reference = _sums(probe, rollouts)
     one_prompt_microbatches = _sums(make_probe(world, tf_batch_size=4), rollouts)
     halves = [half for r in rollouts for half in (r.select(slice(0, 3)), r.select(slice(3, None)))]
-    more_padding = [_left_pad(r, 5) for r in rollouts]
+    more_padding = [replace(r, batch=r.batch.left_padded(5)) for r in rollouts]
     for variant in (one_prompt_microbatches, _sums(probe, halves), _sums(probe, more_padding)):
         for got, expected in zip(variant, reference):
             assert _relative_error(got, expected) < 1e-6
@@ -217,3 +205,21 @@ def test_update_batch_with_one_response_per_prompt_gives_zero(world):
     results, _, _ = run_probes(probe, 1, ENTROPY_PROMPTS[4], UPDATE_PROMPTS)
     assert results[0].delta_h1 == 0.0
     assert any("G = 1" in note for note in probe.results.info.notes)
+
+
+def test_a_probe_without_mixed_outcomes_says_its_number_is_empty(world):
+    probe = make_probe(world, G=1)
+    run_probes(probe, 1, PROMPTS, PROMPTS)
+    results = probe.results.to_dict()
+    assert results["mixed_update_fraction"] == 0.0
+    assert "every advantage is 0" in results["empty"] and "larger G" in results["empty"]
+
+
+def test_mixed_update_fraction_counts_prompts_whose_rewards_differ(world):
+    probe = make_probe(world)
+    torch.manual_seed(3)
+    outputs = [probe.step(batch) for batch in prompt_batches(0, PROMPTS, PROMPTS * 3, rollout_batch_size=256)]
+    rewards = outputs[-1].rollout.rewards
+    expected = (rewards.amax(1) > rewards.amin(1)).float().mean().item()
+    assert 0 < outputs[-1].finished.mixed_update_fraction == pytest.approx(expected)
+    assert "empty" not in probe.results.to_dict()

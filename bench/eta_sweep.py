@@ -1,0 +1,94 @@
+"""The η sweep on the default model: the true entropy change of the real step against δH₁ and the
+covariance proxy, without an optimizer state (the default config: identity geometry) and with a real one.
+
+    python bench/eta_sweep.py                      # both tables, B_V = 32 (~15 min on 2 CPU cores)
+    python bench/eta_sweep.py --B_V 16 --skip_adam true
+
+The Adam state is real: a checkpoint-3/ of the HF Trainer after 3 AdamW steps (lr 1e-5, constant) of
+language-model loss on the arithmetic task's prompts with their answers, written into a temporary folder.
+The probe then takes the exact AdamW step (with the trainer's clipping) at each η.
+Writes bench/results/eta_sweep.json and prints each table.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+from transformers import Trainer, TrainingArguments
+
+import train
+from probe_lightning.data import arithmetic_problems, format_prompt
+from probe_lightning.models import DEFAULT_MODEL, load_model_and_tokenizer
+
+ROOT = Path(__file__).parents[1]
+COLUMNS = ("eta", "delta_h1", "delta_h_true", "delta_h_true_se", "ess", "ratio", "covariance_proxy")
+
+
+def adam_checkpoint(folder: Path) -> str:
+    """checkpoint-3/ of a real HF Trainer run on the default model (full fine-tuning, AdamW)."""
+    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    texts = [format_prompt(tokenizer, p.question) + f"<answer>{p.answer}</answer>" for p in arithmetic_problems(1)[:12]]
+    encoded = [tokenizer(text, return_tensors="pt").input_ids[0] for text in texts]
+    dataset = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)} for ids in encoded]
+    args = TrainingArguments(
+        output_dir=str(folder), max_steps=3, save_steps=3, per_device_train_batch_size=1, learning_rate=1e-5,
+        lr_scheduler_type="constant", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+    return str(folder / "checkpoint-3")
+
+
+def sweep(extra: list[str], etas: list[float], B_V: int, save_dir: str) -> dict:
+    train.main(
+        ["predict", "--config", str(ROOT / "configs/sp.yaml"), "--model.eta_sweep", json.dumps(etas),
+         "--data.B_V", str(B_V), "--trainer.enable_progress_bar", "false",
+         "--trainer.logger.init_args.save_dir", save_dir, *extra]
+    )  # fmt: skip
+    (path,) = Path(save_dir).glob("**/results.json")
+    results = json.loads(path.read_text())
+    keep = ("update", "learning_rate", "delta_h1", "delta_h1_se", "clip_factor", "eta_sweep", "eta_sweep_summary",
+            "timings", "trainer")  # fmt: skip
+    return {key: results[key] for key in keep}
+
+
+def table(name: str, results: dict) -> str:
+    lines = [f"{name}: update {results['update']}, η₀ {results['learning_rate']:.3g}", "  ".join(COLUMNS)]
+    for row in results["eta_sweep"]:
+        lines.append("  ".join(f"{row[c]:.4g}" for c in COLUMNS))
+    lines.append(json.dumps(results["eta_sweep_summary"]))
+    lines.append(f"eta_sweep seconds {results['timings']['eta_sweep']:.1f} of {sum(results['timings'].values()):.1f}")
+    return "\n".join(lines)
+
+
+def main(
+    B_V: int = 32,
+    etas: list[float] = [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],  # noqa: B006 (jsonargparse reads the default)
+    adam_etas: list[float] = [0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3],  # noqa: B006
+    skip_adam: bool = False,
+    output: str | None = None,
+):
+    """
+    Args:
+        B_V: evaluation prompts (G_E responses each) where the true change is measured.
+        etas: the sweep of the adam-free (identity geometry) probe.
+        adam_etas: the sweep with the real Adam state (exact AdamW step).
+        skip_adam: only the adam-free table.
+        output: the JSON's path (default bench/results/eta_sweep.json).
+    """
+    report = {}
+    with tempfile.TemporaryDirectory() as folder:
+        report["identity"] = sweep([], etas, B_V, folder + "/identity")
+        print(table("no optimizer state", report["identity"]), flush=True)
+        if not skip_adam:
+            checkpoint = adam_checkpoint(Path(folder) / "trainer")
+            report["adamw_step"] = sweep(["--model.checkpoint", checkpoint], adam_etas, B_V, folder + "/adamw")
+            print(table("real Adam state", report["adamw_step"]), flush=True)
+    path = Path(output or ROOT / "bench/results/eta_sweep.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)

@@ -1,0 +1,38 @@
+"""Figures next to results.json (matplotlib, no display needed)."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def eta_sweep_figure(rows: list[dict], title: str) -> plt.Figure:
+    """The true ΔH ± SE against η, with the δH₁ line and the covariance proxy's; log axes where the signs allow."""
+    rows = [r for r in rows if r["eta"] > 0]
+    etas = [r["eta"] for r in rows]
+    series = {
+        "δH₁ (first order, this probe)": [r["delta_h1"] for r in rows],
+        "covariance proxy −η Cov(log π, A)": [r["covariance_proxy"] for r in rows],
+    }
+    true_change = [r["delta_h_true"] for r in rows]
+    errors = [r["delta_h_true_se"] for r in rows]
+    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    values = true_change + [v for line in series.values() for v in line]
+    one_sign = all(v > 0 for v in values) or all(v < 0 for v in values)
+    sign = -1.0 if one_sign and values and values[0] < 0 else 1.0
+    measured = [sign * v for v in true_change]
+    axes.errorbar(etas, measured, yerr=errors, fmt="o", capsize=3, label="true ΔH ± SE (V batch)")
+    for (label, line), style in zip(series.items(), ("-", "--")):
+        axes.plot(etas, [sign * v for v in line], style, label=label)
+    axes.set_xscale("log")
+    if one_sign:
+        axes.set_yscale("log")
+    else:
+        axes.set_yscale("symlog", linthresh=min((abs(v) for v in values if v), default=1.0))
+    axes.set_xlabel("learning rate η")
+    axes.set_ylabel(("−" if sign < 0 else "") + "entropy change (nats)")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    return figure
