@@ -2,13 +2,16 @@
 
 from pathlib import Path
 
+import datasets
 import lightning.pytorch as pl
 import matplotlib.pyplot as plt
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from probe_lightning.plots import eta_sweep_figure
+from probe_lightning.contributions import ProbeContributions
+from probe_lightning.plots import counterfactual_figure, eta_sweep_figure
 from probe_lightning.probe import StepOutput
+from probe_lightning.report import write_report
 from probe_lightning.results import ProbeResult, RunResults, write_json
 
 
@@ -49,7 +52,22 @@ class DeltaH1Logger(pl.Callback):
             logger.log_metrics(metrics, step=result.probe_index)
         if result.eta_sweep:
             self._log_sweep(trainer, result)
+        if outputs.contributions is not None:
+            self._write_tables(trainer, outputs.contributions, result.counterfactuals)
         _write(results_path(trainer), outputs.results.to_dict())
+
+    @rank_zero_only
+    def _write_tables(self, trainer, contributions: ProbeContributions, counterfactuals: dict) -> None:
+        """The probe's response and token rows as Parquet next to results.json (pandas, duckdb, datasets)."""
+        folder = results_path(trainer).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        k = contributions.probe_index
+        datasets.Dataset.from_list(contributions.responses).to_parquet(str(folder / f"responses_probe{k}.parquet"))
+        datasets.Dataset.from_list(contributions.tokens).to_parquet(str(folder / f"tokens_probe{k}.parquet"))
+        if counterfactuals:
+            figure = counterfactual_figure(counterfactuals, f"probe {k}: δH₁ of a step on selected tokens only")
+            figure.savefig(folder / f"counterfactuals_probe{k}.png")
+            plt.close(figure)
 
     @rank_zero_only
     def _log_sweep(self, trainer, result: ProbeResult) -> None:
@@ -72,12 +90,15 @@ class DeltaH1Logger(pl.Callback):
             return
         results = self.results.to_dict()
         _write(results_path(trainer), results)
+        _report(results, results_path(trainer).parent)
         for logger in trainer.loggers:
             logger.save()
         if "delta_h1" in results:
-            spread = f" ± {results['delta_h1_mean_se']:.4g} (SE over {results['num_probes']} probes)" if (
-                "delta_h1_mean_se" in results
-            ) else ""
+            spread = ""
+            if "delta_h1_mean_se" in results:
+                spread = f" ± {results['delta_h1_mean_se']:.4g} (SE over {results['num_probes']} probes)"
+            elif results.get("delta_h1_se") is not None:
+                spread = f" ± {results['delta_h1_se']:.4g} (plug-in SE)"
             empty = f"  [empty: {results['empty']}]" if "empty" in results else ""
             rank_zero_info(
                 f"δH₁ = {results['delta_h1']:.6g}{spread} for the {results['entropy_target']} entropy  "
@@ -91,3 +112,8 @@ class DeltaH1Logger(pl.Callback):
 @rank_zero_only
 def _write(path: Path, payload: dict) -> None:
     write_json(path, payload)
+
+
+@rank_zero_only
+def _report(results: dict, folder: Path) -> None:
+    rank_zero_info(f"report: {write_report(results, folder)}")

@@ -28,7 +28,9 @@ class ProbeSums:
 
     def __init__(self, named_params: NamedParams, entropy_columns: int = 1):
         self.params = [p for _, p in named_params]
-        zeros = lambda: [torch.zeros_like(p, dtype=torch.float32) for p in self.params]  # noqa: E731
+        def zeros():  # float32, or the parameters' own dtype where it is wider
+            return [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.params]
+
         self.sum_x = [zeros() for _ in range(entropy_columns)]
         self.sum_y = zeros()
         self.counts = {"E": RoleCounts(), "U": RoleCounts()}

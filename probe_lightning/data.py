@@ -3,12 +3,14 @@
 Sources: a built-in arithmetic task (no files), a JSONL file, or a local `datasets` folder.
 The DataModule yields `PromptBatch`es in the order the module consumes them:
 probe 0 E batches, probe 0 U batches, probe 1 E batches, ...
+With data.rollouts it yields a saved run's batches instead, each carrying its saved responses (rollout_store.py).
 """
 
 import json
 import logging
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import get_args
@@ -16,9 +18,11 @@ from typing import get_args
 import datasets
 import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
+from probe_lightning import rollout_store
 from probe_lightning.config import BatchConfig, ProbeConfigError, Role, Source, require
+from probe_lightning.sequence_processor import BatchedSequences
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +52,16 @@ class PromptBatch:
     answers: list[str]
     prompt_ids: list[int]  # index of each problem in the source pool
     last_in_probe: bool  # True on the final batch of a probe (the module finalises the probe then)
+    replay: BatchedSequences | None = None  # saved responses (data.rollouts), probed instead of generating
 
     def select(self, prompts: slice) -> "PromptBatch":
         """The prompts[prompts] of this batch (a microbatch of it)."""
         return replace(
-            self, questions=self.questions[prompts], answers=self.answers[prompts], prompt_ids=self.prompt_ids[prompts]
+            self,
+            questions=self.questions[prompts],
+            answers=self.answers[prompts],
+            prompt_ids=self.prompt_ids[prompts],
+            replay=None if self.replay is None else self.replay.select(prompts),
         )
 
 
@@ -184,6 +193,29 @@ def identity_collate(batch: PromptBatch) -> PromptBatch:
     return batch
 
 
+class ReplayedBatches(IterableDataset):
+    """A saved run's rollout batches (data.rollouts), read one at a time: the same probes, roles, prompts and
+    batch boundaries, each carrying its saved responses. V batches only when the η sweep needs them."""
+
+    def __init__(self, folder: str, evaluate: bool):
+        self.folder, self.evaluate = folder, evaluate
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        for columns, sequences in rollout_store.saved_batches(self.folder):
+            role = columns["role"][0]
+            if role == "V" and not self.evaluate:
+                continue
+            yield PromptBatch(
+                probe_index=columns["probe_index"][0],
+                role=role,
+                questions=columns["question"],
+                answers=columns["answer"],
+                prompt_ids=columns["prompt_id"],
+                last_in_probe=columns["last_in_probe"][-1],
+                replay=sequences,
+            )
+
+
 class ProbeDataModule(pl.LightningDataModule):
     """The problem pool and, for each probe, a random draw of B_E entropy and B_U update prompts (and B_V
     evaluation prompts for the true-change check), disjoint."""
@@ -201,12 +233,17 @@ class ProbeDataModule(pl.LightningDataModule):
         num_probes: int = 1,
         batch_config: BatchConfig = BatchConfig(),
         seed: int = 0,
+        save_rollouts: bool = False,
+        rollouts: str | None = None,
     ):
         """
         Args:
             B_V: evaluation (V) prompts per probe, where the true entropy change is measured (model.eta_sweep);
                 None: B_E.
             evaluate: draw the V prompts; train.py links it to model.eta_sweep (on when the sweep is).
+            save_rollouts: write every rollout to rollouts/ beside results.json (callbacks.RolloutRecorder).
+            rollouts: a saved run's rollouts/ folder: probe its samples instead of generating (its prompts
+                replace this run's source and batch sizes); its model, checkpoint and sampling must be this run's.
         """
         super().__init__()
         require(B_E >= 1, f"data.B_E must be >= 1, got {B_E}")
@@ -214,6 +251,12 @@ class ProbeDataModule(pl.LightningDataModule):
         require(B_V is None or B_V >= 1, f"data.B_V must be >= 1, got {B_V}")
         require(num_probes >= 1, f"data.num_probes must be >= 1, got {num_probes}")
         check_source(source, path)
+        require(
+            not (save_rollouts and rollouts),
+            f"data.save_rollouts and data.rollouts are both set: the replayed rollouts are saved in {rollouts!r}",
+        )
+        # The saved run's identity (rollout_store.py), read now so a bad folder stops the run before the model loads.
+        self.replay_identity: dict | None = rollout_store.read_identity(rollouts) if rollouts else None
         self.save_hyperparameters()
         self.batch_config = batch_config
         self.problems: list[Problem] = []
@@ -221,6 +264,13 @@ class ProbeDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
+        if hp.rollouts:
+            require(
+                self.replay_identity["data"]["evaluate"] or not hp.evaluate,
+                f"model.eta_sweep needs evaluation (V) rollouts, and data.rollouts {hp.rollouts!r} has none: "
+                f"save them from a run with model.eta_sweep set",
+            )
+            return
         self.problems = load_problems(hp.source, hp.path, hp.question_field, hp.answer_field, hp.seed)
         B_V = (hp.B_E if hp.B_V is None else hp.B_V) if hp.evaluate else 0
         needed = hp.B_E + hp.B_U + B_V
@@ -262,4 +312,6 @@ class ProbeDataModule(pl.LightningDataModule):
         return batches
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.prompt_batches(), batch_size=None, collate_fn=identity_collate, num_workers=0)
+        hp = self.hparams
+        batches = ReplayedBatches(hp.rollouts, hp.evaluate) if hp.rollouts else self.prompt_batches()
+        return DataLoader(batches, batch_size=None, collate_fn=identity_collate, num_workers=0)

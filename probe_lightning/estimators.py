@@ -38,16 +38,21 @@ def loo_coefficients(weighted: torch.Tensor) -> torch.Tensor:
 def entropy_loss(
     seq_logprobs: torch.Tensor, gen_lens: torch.Tensor, max_lengths: torch.Tensor, mode: str, budget: int
 ) -> torch.Tensor:
-    """Per-prompt L_X(p) = -(1/G) Σ_g c_g S(y_g), [B]; its gradient is X(p).
+    """Per-prompt L_X(p) = -(1/G) Σ_g c_g S(y_g), [B]; its gradient is X(p)."""
+    return entropy_terms(seq_logprobs, gen_lens, max_lengths, mode, budget).mean(dim=1)
 
-    per_token_avg adds the pathwise term -(1/G) Σ_g S(y_g)/gen_len_g (not detached), which makes X
-    exactly unbiased when the normaliser is the response's own length.
+
+def entropy_terms(
+    seq_logprobs: torch.Tensor, gen_lens: torch.Tensor, max_lengths: torch.Tensor, mode: str, budget: int
+) -> torch.Tensor:
+    """Each response's term of L_X, [B, G]: -c_g S(y_g); L_X(p) is their mean over the G responses.
+
+    per_token_avg adds the pathwise term -S(y_g)/gen_len_g (not detached), which makes X exactly
+    unbiased for E[-S/|y|] when the normaliser is the response's own length.
     """
     weighted = weighted_logprobs(seq_logprobs, gen_lens, max_lengths, mode, budget)
-    loss = -(loo_coefficients(weighted) * seq_logprobs).mean(dim=1)
-    if mode == "per_token_avg":
-        loss = loss - weighted.mean(dim=1)
-    return loss
+    terms = -(loo_coefficients(weighted) * seq_logprobs)
+    return terms - weighted if mode == "per_token_avg" else terms
 
 
 def loo_mean(values: torch.Tensor) -> torch.Tensor:
@@ -73,7 +78,8 @@ def entropy_components(
     estimator: Estimator,
     budget: int,
 ) -> torch.Tensor:
-    """Per-prompt losses [B, K] whose gradients give X(p) (docs/math.md "Which entropy").
+    """Each response's loss terms [B, G, K]; their mean over G is the prompt's loss, whose gradient gives
+    X(p) (docs/math.md "Which entropy").
 
     K = 1 for budget, per_token_avg and dr_grpo: X(p) = ∇ loss. K = 2 for token_mean: the gradients of
     the two columns estimate ∇E[Σ_t H_t] and ∇E[|y|]; X(p) = (∇col0 − Ĥ_tok ∇col1) / Ê|y| with the
@@ -86,25 +92,23 @@ def entropy_components(
     S = token_logprobs.sum(-1)
     lengths = mask.sum(-1)
     if estimator == "naive" and target != "token_mean":
-        return entropy_loss(S, lengths, max_lengths, target, budget)[:, None]
+        return entropy_terms(S, lengths, max_lengths, target, budget)[..., None]
     if estimator == "naive":  # token_mean: −S for Σ_t H_t and |y|, each with its leave-one-out baseline
         neg_s = -S.detach()
-        return torch.stack(
-            [((neg_s - loo_mean(neg_s)) * S).mean(1), ((lengths - loo_mean(lengths)) * S).mean(1)], dim=1
-        )
+        return torch.stack([(neg_s - loo_mean(neg_s)) * S, (lengths - loo_mean(lengths)) * S], dim=-1)
     H = token_entropies * mask
     total_entropy = H.sum(-1)  # [B, G], differentiable: the Σ_t ∇H_t term
     entropy_to_come = still_to_come(H.detach())
     causal = ((entropy_to_come - loo_mean(entropy_to_come)) * token_logprobs).sum(-1)
     if target == "budget":
-        return ((total_entropy + causal) / budget).mean(1)[:, None]
+        return ((total_entropy + causal) / budget)[..., None]
     if target == "per_token_avg":  # f = Σ_t H_t / |y| depends on the whole response: one score per response
         f = total_entropy / lengths.clamp(min=1)
         f_value = f.detach()
-        return (f + (f_value - loo_mean(f_value)) * S).mean(1)[:, None]
+        return (f + (f_value - loo_mean(f_value)) * S)[..., None]
     tokens_to_come = still_to_come(mask)
     length_part = ((tokens_to_come - loo_mean(tokens_to_come)) * token_logprobs).sum(-1)
-    return torch.stack([(total_entropy + causal).mean(1), length_part.mean(1)], dim=1)
+    return torch.stack([total_entropy + causal, length_part], dim=-1)
 
 
 def token_mean_weights(entropy_sum: float, num_tokens: int, num_responses: int) -> list[float]:

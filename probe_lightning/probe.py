@@ -14,12 +14,13 @@ from probe_lightning import estimators
 from probe_lightning.accumulator import NamedParams, ProbeSums
 from probe_lightning.checkpoints import LoadedCheckpoint, trainable_parameters
 from probe_lightning.config import require
+from probe_lightning.contributions import ProbeContributions
 from probe_lightning.data import PromptBatch
 from probe_lightning.directional import directional_derivatives
 from probe_lightning.optimizer_state import OptimizerState, load_optimizer_state, resolve_learning_rate
 from probe_lightning.results import ProbeResult, RunInfo, RunResults, run_notes
 from probe_lightning.rollout import Rollout, RolloutMaker
-from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
+from probe_lightning.sequence_processor import GenerationConfig, SequenceProcessor, TeacherForcing
 from probe_lightning.settings import ProbeSettings
 from probe_lightning.trainer_loss import STD_EPS, clip_factor, token_coefficients
 from probe_lightning.true_change import covariance_proxy, eta_sweep
@@ -45,6 +46,7 @@ class StepOutput:
     token_entropies: torch.Tensor  # [B, G, R] detached
     results: RunResults  # the run so far (settings, finished probes, timings, memory)
     finished: ProbeResult | None = None  # the probe this batch ended, if it ended one
+    contributions: ProbeContributions | None = None  # that probe's response and token tables, if computed
 
 
 @dataclass
@@ -79,12 +81,12 @@ class Probe:
         self.checks: list[RolloutCheck] = []
         self.entropy_columns = 2 if settings.entropy_target == "token_mean" else 1
         self.sums = ProbeSums(named_params, self.entropy_columns)
-        self.rollouts: list[Rollout] = []  # this probe's, kept for the directional-derivative pass
-        # With an η sweep: the V batch and the E batch with their scores at θ, for the true change.
+        # This probe's microbatches (E, then U) with their scores at θ: for the directional-derivative pass,
+        # the contributions, the covariance proxy and the η sweep; and its V batch for the sweep.
+        self.scored: list[tuple[Rollout, TeacherForcing]] = []
         self.evaluation: list[tuple[Rollout, TeacherForcing]] = []
-        self.entropy_scored: list[tuple[Rollout, TeacherForcing]] = []
-        self.update_tokens: list[tuple[torch.Tensor, torch.Tensor]] = []  # (log q, A) of U tokens: Cov proxy
         self.vectors: ProbeVectors | None = None
+        self.contributions: ProbeContributions | None = None  # the finished probe's, until step hands them on
 
     def step(self, batch: PromptBatch) -> StepOutput:
         with self.results.timed("generate"):
@@ -94,38 +96,47 @@ class Probe:
         if batch.role == "V":
             return self.evaluate(rollout)
         seq_logprobs, token_entropies = self.accumulate(rollout)
-        finished = self.finish(batch.probe_index) if batch.last_in_probe else None
-        return StepOutput(rollout, seq_logprobs, token_entropies, self.results, finished)
+        if not batch.last_in_probe:
+            return StepOutput(rollout, seq_logprobs, token_entropies, self.results)
+        finished = self.finish(batch.probe_index)
+        contributions, self.contributions = self.contributions, None  # hand one probe's tables on, keep none
+        return StepOutput(rollout, seq_logprobs, token_entropies, self.results, finished, contributions)
 
-    # ---- the per-prompt losses ----
+    # ---- the per-sample losses ----
 
-    def entropy_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
-        """[B, K]: the gradient of column k, weighted by x_weights and summed, is X(p)."""
+    def entropy_terms(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
+        """[B, G, K] per-response terms; their mean over G, weighted by x_weights and summed over K, has
+        gradient X(p)."""
         return estimators.entropy_components(
             tf.token_logprobs, tf.token_entropies, tf.response_mask, rollout.max_lengths,
             self.settings.entropy_target, self.settings.estimator, self.processor.config.max_new_tokens,
         )  # fmt: skip
 
-    def update_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
-        """[B]: ∇ of prompt p's entry is its piece of the trainer's ∇J̄, up to the scalar update_scale."""
-        loss_type = self.trainer.loss_type
-        if loss_type == "seed":
-            return estimators.update_loss(tf.seq_logprobs, rollout.advantages, rollout.max_lengths)
+    def update_coefficients(self, rollout: Rollout) -> torch.Tensor:
+        """[B, G, R] c: ∇ Σ c log q(y_t) is prompt p's piece of the trainer's ∇J̄, up to update_scale."""
+        mask = rollout.batch.response_mask.float()
         G = rollout.batch.num_responses_per_prompt
+        if self.trainer.loss_type == "seed":
+            return (rollout.advantages / rollout.max_lengths[:, None] / G)[..., None] * mask
         # dapo and bnpo divide by the U batch's token count: 1 here, the count in update_scale.
-        coefficients = token_coefficients(
-            rollout.advantages, tf.response_mask, "dapo" if loss_type in ("dapo", "bnpo") else loss_type,
+        return token_coefficients(
+            rollout.advantages, mask, "dapo" if self.trainer.loss_type in ("dapo", "bnpo") else self.trainer.loss_type,
             max_completion_length=self.trainer.max_completion_length, max_lengths=rollout.max_lengths,
             num_sequences=G, num_tokens=1.0,
         )  # fmt: skip
-        return (coefficients * tf.token_logprobs).sum((1, 2))
 
-    def prompt_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
-        """[B] per-prompt losses whose gradients are X(p) (E) or ∇J(p) (U) of the finished probe."""
+    def update_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
+        """[B]: ∇ of prompt p's entry is its piece of ∇J̄, up to update_scale."""
+        if self.trainer.loss_type == "seed":  # the seed's own arithmetic, so legacy runs reproduce bit for bit
+            return estimators.update_loss(tf.seq_logprobs, rollout.advantages, rollout.max_lengths)
+        return (self.update_coefficients(rollout) * tf.token_logprobs).sum((1, 2))
+
+    def directional_outputs(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
+        """What the forward-mode pass differentiates: each E response's X term [B, G], each U token's log q."""
         if rollout.role == "E":
-            columns = self.entropy_loss(rollout, tf).unbind(-1)
-            return sum(weight * column for weight, column in zip(self.vectors.x_weights, columns))
-        return self.update_loss(rollout, tf) * self.vectors.update_scale
+            terms = self.entropy_terms(rollout, tf).unbind(-1)
+            return sum(weight * term for weight, term in zip(self.vectors.x_weights, terms))
+        return tf.token_logprobs
 
     # ---- accumulation and the finished probe ----
 
@@ -140,7 +151,7 @@ class Probe:
 
     def accumulate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY."""
-        seq_logprobs, entropies = [], []
+        scored = []
         with self.results.timed(f"teacher_force_{'x' if rollout.role == 'E' else 'y'}"):
             batch = rollout.batch
             for rows in self.processor.microbatches(batch.num_prompts, batch.num_responses_per_prompt):
@@ -150,28 +161,20 @@ class Probe:
                     check.check_scores(micro, tf)
                 with torch.enable_grad():
                     if rollout.role == "E":
-                        columns = self.entropy_loss(micro, tf).sum(0)
+                        columns = self.entropy_terms(micro, tf).mean(1).sum(0)
                         for k, sums in enumerate(self.sums.sum_x):
                             self.sums.add_gradient(sums, columns[k], retain_graph=k + 1 < len(columns))
                     else:
                         self.sums.add_gradient(self.sums.sum_y, self.update_loss(micro, tf).sum())
-                scores = tf.detached()
-                if rollout.role == "E" and self.settings.eta_sweep:
-                    self.entropy_scored.append((micro, scores))
-                if rollout.role == "U":
-                    mask = scores.response_mask.bool()
-                    advantage = micro.advantages[..., None].expand_as(mask)
-                    self.update_tokens.append((scores.token_logprobs[mask].double(), advantage[mask].double()))
-                seq_logprobs.append(scores.seq_logprobs)
-                entropies.append(scores.token_entropies)
-        token_entropies = torch.cat(entropies)
+                scored.append((micro, tf.detached()))
+        self.scored.extend(scored)
+        token_entropies = torch.cat([tf.token_entropies for _, tf in scored])
         self.sums.count(rollout.role, rollout.rewards, token_entropies, rollout.batch.response_mask)
-        if self.settings.standard_error:
-            self.rollouts.append(rollout)
-        return torch.cat(seq_logprobs), token_entropies
+        return torch.cat([tf.seq_logprobs for _, tf in scored]), token_entropies
 
     def finish(self, probe_index: int) -> ProbeResult:
-        """X̄, ∇J̄ and Ȳ from the sums, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the standard error if asked."""
+        """X̄, ∇J̄ and Ȳ from the sums, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the standard error, contributions,
+        covariance proxy and η sweep as asked."""
         sums = self.sums
         e, u = sums.counts["E"], sums.counts["U"]
         B_E, B_U = e.prompts, u.prompts
@@ -207,30 +210,70 @@ class Probe:
             entropy_mean=sums.entropy_mean,
             clip_factor=clip,
             mixed_update_fraction=u.mixed_prompts / B_U,
+            covariance=self._covariance(),
         )
         self.vectors = ProbeVectors(x_bar, grad_j, y_bar, x_weights, batch_scale * clip)
+        contributions = None
         if self.settings.standard_error:
             with self.results.timed("standard_error"):
-                directions = {"E": y_bar, "U": self.geometry.update_tangent(x_bar, grad_j, params)}
-                derivatives = directional_derivatives(
-                    self.processor, self.named_params, self.rollouts, directions, self.prompt_loss
-                )
-            (a_e, _), (b_u, update_ids) = derivatives["E"], derivatives["U"]
-            result.delta_h1_se = estimators.plugin_standard_error(a_e, b_u, scale)
-            result.delta_h1_se_parts = estimators.standard_error_parts(a_e, b_u, scale)
-            result.update_prompt_contributions = dict(zip(update_ids, (scale * b_u / B_U).tolist()))
-        log_q, advantage = (torch.cat(column) for column in zip(*self.update_tokens))
-        result.covariance = covariance_proxy(log_q, advantage)
+                contributions = self._contributions(result, params)
         if self.settings.eta_sweep:
+            entropy_batch = [(r, tf) for r, tf in self.scored if r.role == "E"]
             with self.results.timed("eta_sweep"):
                 result.eta_sweep, result.eta_sweep_summary = eta_sweep(
                     self.processor, self.named_params, self.geometry, x_bar, grad_j, self.settings.eta_sweep,
-                    self.evaluation, self.entropy_scored, self.settings.entropy_target, result.covariance,
+                    self.evaluation, entropy_batch, self.settings.entropy_target, result.covariance,
                 )  # fmt: skip
-        self.sums, self.rollouts = ProbeSums(self.named_params, self.entropy_columns), []
-        self.evaluation, self.entropy_scored, self.update_tokens = [], [], []
+        self.sums, self.scored, self.evaluation = ProbeSums(self.named_params, self.entropy_columns), [], []
         self.results.probes.append(result)
+        self.contributions = contributions
         return result
+
+    def _contributions(self, result: ProbeResult, params: list[torch.Tensor]) -> ProbeContributions:
+        """One forward-mode pass: a_e per E prompt, b_u per U prompt (the plug-in SE), and every sample's
+        share of δH₁: η a_e / B_E over E responses, d_{u,g,t} = η c ⟨v, ∇log q(y_t)⟩ / B_U over U tokens."""
+        vectors, scale = self.vectors, self.geometry.scale
+        B_E, B_U = result.B_E, result.B_U
+        directions = {"E": vectors.y_bar, "U": self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)}
+        micros = [micro for micro, _ in self.scored]
+        derivatives = directional_derivatives(
+            self.processor, self.named_params, micros, directions, self.directional_outputs
+        )
+        contributions = ProbeContributions(result.probe_index)
+        a_e, b_u, update_ids = [], [], []
+        for (micro, derivative), (_, tf) in zip(derivatives, self.scored):
+            G = micro.batch.num_responses_per_prompt
+            if micro.role == "E":
+                a_e.append(derivative.mean(1))
+                per_response, per_token = scale * derivative / (G * B_E), None
+            else:
+                token_b = self.update_coefficients(micro).double() * vectors.update_scale * derivative
+                b_u.append(token_b.sum((1, 2)))
+                update_ids.extend(micro.prompt_ids)
+                per_token = scale * token_b / B_U
+                per_response = per_token.sum(-1)
+            contributions.add_rollout(
+                micro, per_response, per_token, tf.token_logprobs, tf.token_entropies, self.processor.tokenizer
+            )
+        a_e, b_u = torch.cat(a_e), torch.cat(b_u)
+        result.delta_h1_se = estimators.plugin_standard_error(a_e, b_u, scale)
+        result.delta_h1_se_parts = estimators.standard_error_parts(a_e, b_u, scale)
+        result.update_prompt_contributions = dict(zip(update_ids, (scale * b_u / B_U).tolist()))
+        entropy_ids = [i for micro, _ in self.scored if micro.role == "E" for i in micro.prompt_ids]
+        result.entropy_prompt_contributions = dict(zip(entropy_ids, (scale * a_e / B_E).tolist()))
+        result.contributions_add_up_to = "the linearised step" if self.geometry.kind == "adamw_step" else "delta_h1"
+        result.top_responses = contributions.top_responses()
+        result.top_tokens = contributions.top_tokens()
+        result.counterfactuals = contributions.counterfactuals()
+        return contributions
+
+    def _covariance(self) -> float:
+        """Cov(log π(y_t), A(y_t)) over the U batch's response tokens (the covariance proxy's)."""
+        update = [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
+        masks = [tf.response_mask.bool() for _, tf in update]
+        log_q = torch.cat([tf.token_logprobs[m] for (_, tf), m in zip(update, masks)]).double()
+        advantage = torch.cat([micro.advantages[..., None].expand_as(m)[m] for (micro, _), m in zip(update, masks)])
+        return covariance_proxy(log_q, advantage.double())
 
     def _batch_scale(self, tokens_per_prompt: float) -> float:
         """The trainer's normalisers that need the whole U batch: dapo/bnpo's token count (the U batch as
@@ -239,6 +282,12 @@ class Probe:
         if self.trainer.scale_rewards == "batch" and self.settings.G > 1:  # with G = 1 every A is 0
             factor /= torch.cat(self.sums.update_rewards).std().item() + STD_EPS
         return factor
+
+
+def sampling_identity(config: GenerationConfig) -> dict:
+    """The generation settings a set of sampled responses depends on (not batch sizes)."""
+    keys = ("max_new_tokens", "temperature", "top_p", "pad_token_id", "eos_token_id", "stop_strings")
+    return {key: getattr(config, key) for key in keys}
 
 
 def build_probe(
@@ -270,6 +319,7 @@ def build_probe(
         G=settings.G,
         G_E=settings.G_E,
         use_sequence_processor=settings.sampling.use_sequence_processor,
+        sampling=sampling_identity(processor.config),
         checkpoint=settings.checkpoint,
         checkpoint_format=checkpoint.format if checkpoint else None,
         global_step=checkpoint.global_step if checkpoint else None,

@@ -41,8 +41,14 @@ class ProbeResult:
     covariance: float | None = None
     eta_sweep: list[dict] | None = None  # per η: δH₁(η), the true ΔH with SE and ESS, ratio, covariance proxy
     eta_sweep_summary: dict | None = None  # noise floor, linear-regime limit, log-log slope
-    # η b_u / B_U per update prompt, keyed by prompt id: they sum to delta_h1 exactly
+    # η b_u / B_U per update prompt and η a_e / B_E per entropy prompt, keyed by prompt id: each set adds
+    # up to delta_h1 (to the linearised step with adamw_step: contributions_add_up_to says which)
     update_prompt_contributions: dict[int, float] | None = None
+    entropy_prompt_contributions: dict[int, float] | None = None
+    contributions_add_up_to: str | None = None
+    top_responses: list[dict] | None = None  # the 10 responses with the largest |contribution|, with tokens
+    top_tokens: list[dict] | None = None  # the 10 U tokens with the largest |contribution|
+    counterfactuals: dict[str, dict] | None = None  # δH₁ of the step trained only on token selections
 
 
 @dataclass
@@ -59,6 +65,7 @@ class RunInfo:
     G: int
     G_E: int
     use_sequence_processor: bool
+    sampling: dict = field(default_factory=dict)  # what q and the responses depend on: temperature, top_p, ...
     checkpoint: str | None = None
     checkpoint_format: str | None = None  # hf_full, hf_lora or lightning
     global_step: int | None = None  # optimizer steps the checkpoint had taken

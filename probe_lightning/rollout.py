@@ -4,9 +4,10 @@
 - the SequenceProcessor path (default): batched generation, lengths and masks straight from it;
 - the seed's legacy path: one model.generate(num_return_sequences=G) per rollout batch, L_max from
   re-tokenised text (kept to reproduce the seed's numbers).
+A replayed batch (data.rollouts) brings its saved responses; they are scored exactly as fresh ones.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -72,14 +73,11 @@ class RolloutMaker:
         return self.G if role == "U" else self.G_E
 
     def __call__(self, prompts: PromptBatch) -> Rollout:
-        G = self.num_samples(prompts.role)
-        texts = [format_prompt(self.processor.tokenizer, q) for q in prompts.questions]
-        self._check_prompt_lengths(texts, prompts.prompt_ids)
+        batch = self._generate(prompts) if prompts.replay is None else self._on_device(prompts.replay)
         if self.use_sequence_processor:
-            batch = self.processor.generate_batched(texts, G)
             max_lengths = torch.tensor([max(max(lens), 1) for lens in batch.gen_lens])  # L_max = max_g gen_len_g
         else:
-            batch, max_lengths = self._legacy_generate(texts, G)
+            max_lengths = self._retokenised_max_lengths(batch)
         device = batch.sequences.device
         rewards = torch.tensor(
             [[correctness_reward(text, answer) for text in texts]
@@ -96,20 +94,35 @@ class RolloutMaker:
             use_sequence_processor=self.use_sequence_processor,
         )
 
+    def _on_device(self, batch: BatchedSequences) -> BatchedSequences:
+        """Replayed responses (read on the CPU) where the model is."""
+        device = self.processor.device
+        return replace(batch, sequences=batch.sequences.to(device), attention_masks=batch.attention_masks.to(device))
+
+    def _generate(self, prompts: PromptBatch) -> BatchedSequences:
+        G = self.num_samples(prompts.role)
+        texts = [format_prompt(self.processor.tokenizer, q) for q in prompts.questions]
+        self._check_prompt_lengths(texts, prompts.prompt_ids)
+        if self.use_sequence_processor:
+            return self.processor.generate_batched(texts, G)
+        return self._legacy_generate(texts, G)
+
     @torch.no_grad()
-    def _legacy_generate(self, prompts: list[str], G: int) -> tuple[BatchedSequences, torch.Tensor]:
-        """The seed's path: prompt_lens is the padded prompt length; L_max comes from re-tokenising the
-        decoded responses, which can differ from the generated token count (EOS is not in the text)."""
+    def _legacy_generate(self, prompts: list[str], G: int) -> BatchedSequences:
+        """The seed's path: prompt_lens is the padded prompt length."""
         processor, tokenizer = self.processor, self.processor.tokenizer
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(processor.device)
         out = processor.sample(encoded.input_ids, encoded.attention_mask, num_return_sequences=G)
         prompt_len = encoded.input_ids.shape[1]
         prompt_mask = encoded.attention_mask.repeat_interleave(G, dim=0)
-        batch = processor.assemble(out[:, :prompt_len], prompt_mask, out[:, prompt_len:], G)
+        return processor.assemble(out[:, :prompt_len], prompt_mask, out[:, prompt_len:], G)
+
+    def _retokenised_max_lengths(self, batch: BatchedSequences) -> torch.Tensor:
+        """The seed's L_max: from re-tokenising the decoded responses, which can differ from the generated
+        token count (EOS is not in the text)."""
         texts = [text for texts in batch.responses_text for text in texts]
-        retokenised = [len(tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
-        max_lengths = torch.tensor(retokenised).view(len(prompts), G).max(dim=1).values.clamp(min=1)
-        return batch, max_lengths
+        retokenised = [len(self.processor.tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
+        return torch.tensor(retokenised).view(batch.num_prompts, -1).max(dim=1).values.clamp(min=1)
 
     def _check_prompt_lengths(self, prompts: list[str], prompt_ids: list[int]) -> None:
         context = getattr(self.processor.model.config, "max_position_embeddings", None)

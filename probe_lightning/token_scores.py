@@ -45,17 +45,17 @@ class _TokenScores(torch.autograd.Function):
         logits, targets = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         if grad_logprobs is None:
-            grad_logprobs = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+            grad_logprobs = torch.zeros(targets.shape, dtype=grad_entropies.dtype, device=logits.device)
         chunks = _split(ctx.rows_per_chunk, logits, targets, grad_logprobs, grad_logits)
         for i, (z, y, g, out) in enumerate(chunks):
             with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
                 z = z.detach().requires_grad_(bool(ctx.warper))
                 scores = _warp(z, ctx.warper)
-            g = g[..., None].float()
+            g = g[..., None].to(scores.dtype)
             q = scores.detach().softmax(-1)
             grad_scores = q.mul(-g).scatter_add_(-1, y[..., None], g)
             if grad_entropies is not None:
-                g_h = grad_entropies.split(ctx.rows_per_chunk)[i][..., None].float()
+                g_h = grad_entropies.split(ctx.rows_per_chunk)[i][..., None].to(scores.dtype)
                 logq = scores.detach().log_softmax(-1)
                 entropy = -(q * logq).nansum(-1, keepdim=True)
                 # Outside the top-p set q = 0: its term is 0, not 0 · (−inf).
@@ -70,8 +70,8 @@ def _split(rows: int, *tensors: torch.Tensor):
 
 
 def _warp(logits: torch.Tensor, warper: LogitsProcessorList) -> torch.Tensor:
-    """The float32 scores of q from [N, R, V] logits (transformers' warpers take [rows, V])."""
-    scores = logits.float()
+    """The scores of q from [N, R, V] logits, in float32 or wider (transformers' warpers take [rows, V])."""
+    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return warper(None, scores.flatten(0, 1)).view_as(scores) if warper else scores
 
 

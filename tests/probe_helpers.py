@@ -21,7 +21,8 @@ SEED_TRAINER = TrainerConfig(loss_type="seed", scale_rewards="none", max_grad_no
 
 
 def make_probe(
-    world: str, tf_batch_size: int = 256, trainable: tuple[str, ...] | None = TRAINABLE, **settings
+    world: str, tf_batch_size: int = 256, trainable: tuple[str, ...] | None = TRAINABLE, dtype=None, probe_class=Probe,
+    **settings,
 ) -> Probe:
     """A Probe on the world model (the seed's step and target unless told otherwise); `trainable`: name
     prefixes of the trainable parameters (None: all)."""
@@ -36,11 +37,15 @@ def make_probe(
         checkpoint = load_checkpoint(settings.checkpoint, settings.model, settings.update != "identity")
         model, tokenizer = checkpoint.model, checkpoint.tokenizer
     else:
-        model, tokenizer = load_model_and_tokenizer(world)
+        model, tokenizer = load_model_and_tokenizer(world, dtype=dtype)
     if trainable is not None:
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith(trainable))
-    return build_probe(SequenceProcessor(model, tokenizer, settings.generation), settings, checkpoint)
+    probe = build_probe(SequenceProcessor(model, tokenizer, settings.generation), settings, checkpoint)
+    if probe_class is not Probe:  # a test's subclass, on the same parts
+        parts = (probe.processor, probe.make_rollout, probe.named_params, probe.geometry, settings, probe.results)
+        probe = probe_class(*parts)
+    return probe
 
 
 def prompt_batches(

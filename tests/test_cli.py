@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pandas as pd
 import pytest
 import torch
 from enumerable_world import PROMPTS
@@ -19,6 +20,7 @@ from probe_lightning.module import EntropyProbe
 from probe_lightning.sequence_processor import GenerationConfig
 
 ROOT = Path(__file__).parents[1]
+TENSORBOARD = ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir"]
 RESULT_KEYS = {
     "delta_h1", "bars_dot", "learning_rate", "B_E", "B_U", "G", "x_norm", "y_norm", "preconditioner",
     "use_sequence_processor", "reward_mean", "entropy_mean", "timings", "probes", "delta_h1_se",
@@ -77,7 +79,7 @@ def test_the_printed_line_names_the_target_and_says_when_the_number_is_empty(wor
 def test_an_eta_sweep_writes_its_rows_a_plot_and_tensorboard_figures(world, prompts_file, tmp_path):
     train.main(
         cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--model.eta_sweep", "[0, 0.01, 0.1]")
-        + ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", str(tmp_path)]
+        + [*TENSORBOARD, str(tmp_path)]
     )
     results = json.loads(results_file(tmp_path).read_text())
     rows = results["eta_sweep"]
@@ -94,7 +96,7 @@ def test_an_eta_sweep_writes_its_rows_a_plot_and_tensorboard_figures(world, prom
 def test_a_tensorboard_logger_attached_on_the_command_line_gets_the_metrics(world, prompts_file, tmp_path):
     train.main(
         cli_args(world, prompts_file, tmp_path)
-        + ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir", str(tmp_path)]
+        + [*TENSORBOARD, str(tmp_path)]
     )
     assert list(tmp_path.glob("**/events.out.tfevents.*"))
     assert results_file(tmp_path).exists()
@@ -110,7 +112,7 @@ class _CrashAtProbe(pl.Callback):
 
 
 def _probe_and_data(world, prompts_file, num_probes):
-    probe = EntropyProbe(model=world, G=2, learning_rate=1.0, generation=GenerationConfig(max_new_tokens=3))
+    probe = EntropyProbe(model=world, G=4, learning_rate=1.0, generation=GenerationConfig(max_new_tokens=3))
     data = ProbeDataModule(source="jsonl", path=prompts_file, B_E=3, B_U=3, num_probes=num_probes)
     return probe, data
 
@@ -131,6 +133,10 @@ def test_repeated_probes_give_one_row_each_and_their_mean(world, prompts_file, t
     assert len({row["delta_h1"] for row in rows}) == 3, "independent probes give different values"
     assert results["delta_h1"] == pytest.approx(sum(row["delta_h1"] for row in rows) / 3)
     assert results["delta_h1_mean_se"] > 0 and results["num_probes"] == 3
+    for k, row in enumerate(rows):  # one table per probe, written when it ends: one probe's rows in memory
+        tokens = pd.read_parquet(results_file(tmp_path).parent / f"tokens_probe{k}.parquet")
+        assert set(tokens.probe) == {k}
+        assert tokens[tokens.role == "U"].contribution.sum() == pytest.approx(row["delta_h1"], rel=1e-4)
 
 
 def test_a_crash_keeps_the_probes_that_finished(world, prompts_file, tmp_path):
@@ -218,7 +224,8 @@ def test_print_config_shows_the_seed_keys():
     ).stdout  # fmt: skip
     for key in ("use_sequence_processor:", "top_p:", "temperature:", "max_new_tokens:", "gen_batch_size:",
                 "tf_batch_size:", "rollout_batch_size:", "B_E:", "B_U:", "G:", "learning_rate:",
-                "entropy_target:", "estimator:", "loss_type:", "optimizer_state:", "inference_mode: false"):  # fmt: skip
+                "entropy_target:", "estimator:", "loss_type:", "optimizer_state:",
+                "inference_mode: false"):  # fmt: skip
         assert key in out
 
 
@@ -227,3 +234,21 @@ def test_lightning_precision_flags_work_unchanged(world, prompts_file, tmp_path,
     train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", "--trainer.precision", precision))
     results = json.loads(results_file(tmp_path).read_text())
     assert results["x_norm"] > 0 and torch.isfinite(torch.tensor(results["delta_h1"]))
+
+
+def test_a_run_writes_the_sample_tables_the_counterfactual_chart_and_a_report(world, prompts_file, tmp_path):
+    train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml"))
+    folder = results_file(tmp_path).parent
+    results = json.loads(results_file(tmp_path).read_text())
+    responses = pd.read_parquet(folder / "responses_probe0.parquet")
+    tokens = pd.read_parquet(folder / "tokens_probe0.parquet")
+    assert len(responses) == (4 + 4) * 4 and set(responses.role) == {"E", "U"}
+    assert {"question", "response_text", "reward", "advantage", "length", "S", "mean_token_entropy"} <= set(responses)
+    assert len(tokens) == responses.length.sum() and tokens.token.map(type).eq(str).all()
+    assert tokens[tokens.role == "U"].contribution.sum() == pytest.approx(results["delta_h1"], rel=1e-4)
+    probe = results["probes"][0]
+    assert len(probe["top_tokens"]) == 10 and len(probe["top_responses"]) == 10
+    assert {"all", "top_entropy_0.2", "top_entropy_0.5", "clip_cov", "kl_cov"} == probe["counterfactuals"].keys()
+    assert (folder / "counterfactuals_probe0.png").exists()
+    page = (folder / "report.html").read_text()
+    assert "data:image/png;base64," in page and f"{results['delta_h1']:.3g}"[:5] in page.replace("−", "-")

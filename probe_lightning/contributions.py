@@ -1,0 +1,96 @@
+"""Which samples drive δH₁: contributions per E response, per U token (adding up to δH₁), the tables users
+open, and counterfactual token selections (docs/math.md "Contributions down to tokens").
+
+For a linear geometry δH₁ = Σ_{u,g,t} d_{u,g,t} with d = η c_{u,g,t} ⟨P ⊙ X̄, ∇log q(y_{u,g,t})⟩, and
+equally δH₁ = Σ_e η a_e / B_E; with adamw_step both add up to the step linearised at the clipped ∇J̄.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from probe_lightning.rollout import Rollout
+
+# Cui et al. 2025 (their verl defaults): Clip-Cov detaches clip_cov_ratio of the tokens, drawn from those
+# whose centred covariance lies in [lb, ub]; KL-Cov puts a KL penalty on the top kl_cov_ratio by covariance.
+CLIP_COV_RATIO, CLIP_COV_BOUNDS, KL_COV_RATIO = 2e-4, (1.0, 5.0), 2e-4
+TOP_ENTROPY_QUANTILES = (0.2, 0.5)
+TOP = 10
+
+
+@dataclass
+class ProbeContributions:
+    """One probe's samples with their shares of δH₁, as the rows of its two tables."""
+
+    probe_index: int
+    responses: list[dict] = field(default_factory=list)  # one row per E and U response
+    tokens: list[dict] = field(default_factory=list)  # one row per E and U response token
+
+    def add_rollout(self, rollout: Rollout, per_response, per_token, token_logprobs, token_entropies, tokenizer):
+        """per_response [B, G] and per_token [B, G, R] (None for E: X has no token-level split) in nats."""
+        batch = rollout.batch
+        P, mask = batch.prompt_len, batch.response_mask.bool()
+        for b, prompt_id in enumerate(rollout.prompt_ids):
+            for g in range(batch.num_responses_per_prompt):
+                key = f"{rollout.prompts.probe_index}/{rollout.role}/{prompt_id}/{g}"
+                length = int(mask[b, g].sum())
+                ids = batch.sequences[b, g, P : P + length].tolist()
+                texts = tokenizer.batch_decode([[i] for i in ids])
+                entropies = token_entropies[b, g, :length]
+                self.responses.append({
+                    "key": key, "probe": self.probe_index, "role": rollout.role, "prompt_id": prompt_id,
+                    "response": g, "question": rollout.prompts.questions[b],
+                    "response_text": batch.responses_text[b][g],
+                    "reward": rollout.rewards[b, g].item(), "advantage": rollout.advantages[b, g].item(),
+                    "length": length, "S": token_logprobs[b, g, :length].sum().item(),
+                    "mean_token_entropy": entropies.mean().item() if length else 0.0,
+                    "contribution": per_response[b, g].item(),
+                })  # fmt: skip
+                for t in range(length):
+                    self.tokens.append({
+                        "key": key, "probe": self.probe_index, "role": rollout.role, "position": t,
+                        "token_id": ids[t], "token": texts[t],
+                        "log_q": token_logprobs[b, g, t].item(), "entropy": entropies[t].item(),
+                        "advantage": rollout.advantages[b, g].item(),
+                        "contribution": None if per_token is None else per_token[b, g, t].item(),
+                    })  # fmt: skip
+
+    def top_responses(self) -> list[dict]:
+        """The TOP responses by |contribution|, each with its tokens (for the report)."""
+        top = sorted(self.responses, key=lambda r: -abs(r["contribution"]))[:TOP]
+        by_key = {}
+        for token in self.tokens:
+            by_key.setdefault(token["key"], []).append(token)
+        return [{**r, "tokens": by_key.get(r["key"], [])} for r in top]
+
+    def top_tokens(self) -> list[dict]:
+        scored = [t for t in self.tokens if t["contribution"] is not None]
+        return sorted(scored, key=lambda t: -abs(t["contribution"]))[:TOP]
+
+    def counterfactuals(self, seed: int = 0) -> dict[str, dict]:
+        """δH₁ of the step trained only on a token selection: the sum of the kept U tokens' contributions
+        (the trainer's normaliser unchanged, as TRL applies its entropy mask)."""
+        update = [t for t in self.tokens if t["role"] == "U"]
+        if not update:
+            return {}
+        d = torch.tensor([t["contribution"] for t in update], dtype=torch.float64)
+        entropy = torch.tensor([t["entropy"] for t in update], dtype=torch.float64)
+        log_q = torch.tensor([t["log_q"] for t in update], dtype=torch.float64)
+        advantage = torch.tensor([t["advantage"] for t in update], dtype=torch.float64)
+        keep = {"all": torch.ones_like(d, dtype=torch.bool)}
+        for rho in TOP_ENTROPY_QUANTILES:  # TRL's top_entropy_quantile: H_t >= the (1 − ρ) quantile
+            keep[f"top_entropy_{rho}"] = entropy >= torch.quantile(entropy, 1 - rho)
+        covariance = (log_q - log_q.mean()) * (advantage - advantage.mean())
+        band = ((covariance >= CLIP_COV_BOUNDS[0]) & (covariance <= CLIP_COV_BOUNDS[1])).nonzero().flatten()
+        clip_count = min(max(int(CLIP_COV_RATIO * len(d)), 1), len(band))
+        chosen = band[torch.randperm(len(band), generator=torch.Generator().manual_seed(seed))[:clip_count]]
+        keep["clip_cov"] = torch.ones_like(keep["all"]).index_fill_(0, chosen, False)
+        top_k = covariance.topk(max(int(KL_COV_RATIO * len(d)), 1)).indices
+        # KL-Cov's penalty has no gradient on-policy (ratio 1): its first step trains on every token; the
+        # row reports the step without the selected tokens, the limit of a strong penalty.
+        keep["kl_cov"] = torch.ones_like(keep["all"]).index_fill_(0, top_k, False)
+        return {
+            name: {"delta_h1": d[mask].sum().item(), "tokens": int(mask.sum()), "fraction": mask.float().mean().item(),
+                   "removed_delta_h1": d[~mask].sum().item()}
+            for name, mask in keep.items()
+        }  # fmt: skip

@@ -1,0 +1,131 @@
+"""Saved rollouts (data.save_rollouts, data.rollouts): the on-disk format and the identity a replay must match.
+
+A run's `rollouts/` folder, beside its results.json, holds
+- identity.json: what the samples depend on (model, checkpoint, G, G_E, generation path, sampling settings)
+  and, for the record, the data settings that drew the prompts;
+- probe_<k>/: probe k's rollouts as a `datasets` folder (`datasets.load_from_disk`), one row per prompt,
+  in the order the probe consumed them.
+"""
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import datasets
+import torch
+
+from probe_lightning.config import ProbeConfigError, require
+from probe_lightning.sequence_processor import BatchedSequences
+
+if TYPE_CHECKING:
+    from probe_lightning.rollout import Rollout
+
+IDENTITY_FILE = "identity.json"
+# The identity a replay must share with the run that sampled the rollouts, and each entry's flag.
+IDENTITY_FLAGS = {
+    "model": "model.model",
+    "checkpoint": "model.checkpoint",
+    "G": "model.G",
+    "G_E": "model.G_E",
+    "use_sequence_processor": "model.sampling.use_sequence_processor",
+}
+# One row per prompt; its G responses share the batch's length T (padded prompt, then response tokens).
+FEATURES = datasets.Features(
+    {
+        "probe_index": datasets.Value("int32"),
+        "batch_index": datasets.Value("int32"),  # the rollout batch within the probe, in consumption order
+        "role": datasets.Value("string"),
+        "last_in_probe": datasets.Value("bool"),
+        "prompt_id": datasets.Value("int64"),
+        "question": datasets.Value("string"),
+        "answer": datasets.Value("string"),
+        "prompt_len": datasets.Value("int32"),  # P, the batch's padded prompt length
+        "sequences": datasets.List(datasets.List(datasets.Value("int64"))),  # [G][T] token ids
+        "attention_masks": datasets.List(datasets.List(datasets.Value("int8"))),  # [G][T]
+        "gen_lens": datasets.List(datasets.Value("int32")),  # [G]
+        "responses_text": datasets.List(datasets.Value("string")),  # [G]
+        "rewards": datasets.List(datasets.Value("float32")),  # [G]
+    }
+)
+
+
+def write_identity(folder: Path, identity: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / IDENTITY_FILE).write_text(json.dumps(identity, indent=2))
+
+
+def read_identity(folder: str | Path) -> dict:
+    path = Path(folder) / IDENTITY_FILE
+    require(
+        path.exists(),
+        f"data.rollouts: no saved rollouts in {str(folder)!r} (no {IDENTITY_FILE}): pass the rollouts/ folder "
+        f"of a run made with --data.save_rollouts true",
+    )
+    return json.loads(path.read_text())
+
+
+def check_replay(saved: dict, run: dict, folder: str) -> None:
+    """Refuse, in one line naming each differing setting with both values, rollouts sampled otherwise."""
+    run = json.loads(json.dumps(run))  # tuples and lists compare as JSON stores them
+    settings = [(flag, saved.get(key), run[key]) for key, flag in IDENTITY_FLAGS.items()]
+    settings += [(f"model.generation.{key}", saved["sampling"].get(key), now) for key, now in run["sampling"].items()]
+    differences = [f"{flag}={was!r} (this run: {now!r})" for flag, was, now in settings if was != now]
+    if differences:
+        raise ProbeConfigError(
+            f"data.rollouts {folder!r} were sampled with {', '.join(differences)}: replay them with the saved "
+            f"settings, or drop data.rollouts to sample anew"
+        )
+
+
+def rollout_rows(rollout: "Rollout", batch_index: int) -> list[dict]:
+    """The rows of one rollout batch, one per prompt."""
+    prompts, batch = rollout.prompts, rollout.batch
+    sequences, masks, rewards = batch.sequences.tolist(), batch.attention_masks.tolist(), rollout.rewards.tolist()
+    return [
+        {
+            "probe_index": prompts.probe_index,
+            "batch_index": batch_index,
+            "role": prompts.role,
+            "last_in_probe": prompts.last_in_probe,
+            "prompt_id": prompt_id,
+            "question": prompts.questions[b],
+            "answer": prompts.answers[b],
+            "prompt_len": batch.prompt_lens[b],
+            "sequences": sequences[b],
+            "attention_masks": masks[b],
+            "gen_lens": batch.gen_lens[b],
+            "responses_text": batch.responses_text[b],
+            "rewards": rewards[b],
+        }
+        for b, prompt_id in enumerate(prompts.prompt_ids)
+    ]
+
+
+def save_probe(folder: Path, probe_index: int, rows: list[dict]) -> None:
+    datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(folder / f"probe_{probe_index}"))
+
+
+def saved_batches(folder: str | Path) -> Iterator[tuple[dict, BatchedSequences]]:
+    """Each saved rollout batch in consumption order, as (its rows' columns, its sequences); a probe's folder
+    is memory-mapped, and only the batch being yielded is read into memory."""
+    pad_token_id = read_identity(folder)["sampling"]["pad_token_id"]
+    parts = sorted(Path(folder).glob("probe_*"), key=lambda part: int(part.name.removeprefix("probe_")))
+    require(parts, f"data.rollouts {str(folder)!r} holds no probe_<k> folders: no probe finished in that run")
+    for part in parts:
+        rows = datasets.load_from_disk(str(part))
+        for _, group in itertools.groupby(enumerate(rows["batch_index"]), key=lambda row: row[1]):
+            indices = [index for index, _ in group]
+            columns = rows[indices[0] : indices[-1] + 1]
+            yield (
+                columns,
+                BatchedSequences(
+                    sequences=torch.tensor(columns["sequences"], dtype=torch.long),
+                    attention_masks=torch.tensor(columns["attention_masks"], dtype=torch.long),  # as generation's
+                    prompt_lens=columns["prompt_len"],
+                    gen_lens=columns["gen_lens"],
+                    responses_text=columns["responses_text"],
+                    pad_token_id=pad_token_id,
+                ),
+            )

@@ -1,0 +1,94 @@
+"""Which samples drive δH₁: per-sample contributions add up to it, and a counterfactual token selection
+predicts the probe run whose update loss trains only on those tokens."""
+
+import pytest
+import torch
+from enumerable_world import PROMPTS
+from eos_world import save_eos_world
+from probe_helpers import make_probe, prompt_batches
+
+from probe_lightning.config import TrainerConfig
+from probe_lightning.probe import Probe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def eos_world(tmp_path_factory) -> str:
+    return save_eos_world(tmp_path_factory.mktemp("eos_world"))
+
+
+def run(world, seed=13, **settings):
+    torch.manual_seed(seed)
+    probe = make_probe(world, G=3, G_E=3, entropy_target="token_mean", estimator="rb", dtype=torch.float64, **settings)
+    outputs = [probe.step(batch) for batch in prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=3)]
+    return outputs[-1]
+
+
+@pytest.mark.parametrize("update", ["identity", "adam_precondition"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "seed"])
+def test_token_and_entropy_prompt_contributions_add_up_to_delta_h1(eos_world, tmp_path, loss_type, update):
+    state = None
+    if update == "adam_precondition":  # a real AdamW state of the output layer
+        head = torch.nn.Parameter(torch.randn(7, 16, generator=torch.Generator().manual_seed(0)))
+        optimizer = torch.optim.AdamW([head])
+        head.grad = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
+        optimizer.step()
+        state = tmp_path / "optimizer.pt"
+        torch.save(optimizer.state_dict(), state)
+    out = run(eos_world, optimizer_state=state and str(state), update=update,
+              trainer=TrainerConfig(loss_type=loss_type, max_grad_norm=0.5))  # fmt: skip
+    result, tables = out.finished, out.contributions
+    assert result.contributions_add_up_to == "delta_h1" and result.delta_h1 != 0
+    tokens = [t["contribution"] for t in tables.tokens if t["role"] == "U"]
+    for parts in (tokens, list(result.entropy_prompt_contributions.values())):
+        assert abs(sum(parts) - result.delta_h1) <= 1e-6 * abs(result.delta_h1)
+    responses = {r["key"]: r["contribution"] for r in tables.responses}
+    assert sum(responses.values()) == pytest.approx(2 * result.delta_h1, rel=1e-6)  # E's and U's shares
+    assert result.counterfactuals["all"]["delta_h1"] == pytest.approx(result.delta_h1, rel=1e-6)
+
+
+def test_with_the_adamw_step_contributions_add_up_to_the_linearised_step(eos_world, tmp_path):
+    head = torch.nn.Parameter(torch.randn(7, 16))
+    optimizer = torch.optim.AdamW([head])
+    head.grad = torch.randn(7, 16)
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
+    out = run(eos_world, optimizer_state=str(tmp_path / "optimizer.pt"), learning_rate=0.1)
+    assert out.finished.contributions_add_up_to == "the linearised step"
+    assert out.results.to_dict()["update"] == "adamw_step"
+
+
+class MaskedProbe(Probe):
+    """The same probe, but the update loss trains only on U tokens with H_t >= THRESHOLD."""
+
+    threshold = 0.0
+
+    def update_loss(self, rollout, tf):
+        keep = (tf.token_entropies.detach().double() >= self.threshold).to(tf.token_logprobs.dtype)
+        return (self.update_coefficients(rollout) * keep * tf.token_logprobs).sum((1, 2))
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_a_counterfactual_equals_the_run_that_trains_only_on_those_tokens(eos_world, loss_type):
+    settings = dict(update="identity", trainer=TrainerConfig(loss_type=loss_type, max_grad_norm=0))
+    out = run(eos_world, **settings)
+    update_tokens = [t for t in out.contributions.tokens if t["role"] == "U"]
+    entropies = torch.tensor([t["entropy"] for t in update_tokens], dtype=torch.float64)
+    MaskedProbe.threshold = torch.quantile(entropies, 1 - 0.2).item()  # TRL's top_entropy_quantile 0.2
+    masked = run(eos_world, probe_class=MaskedProbe, standard_error=False, **settings).finished
+    predicted = out.finished.counterfactuals["top_entropy_0.2"]
+    assert predicted["fraction"] == pytest.approx(0.2, abs=0.05)
+    assert masked.delta_h1 != pytest.approx(out.finished.delta_h1, rel=1e-3)
+    assert predicted["delta_h1"] == pytest.approx(masked.delta_h1, rel=1e-6)
+
+
+def test_the_top_lists_are_the_largest_contributions(eos_world):
+    out = run(eos_world)
+    result = out.finished
+    largest = max(abs(t["contribution"]) for t in out.contributions.tokens if t["contribution"] is not None)
+    assert len(result.top_tokens) == 10 and abs(result.top_tokens[0]["contribution"]) == largest
+    assert [abs(r["contribution"]) for r in result.top_responses] == sorted(
+        (abs(r["contribution"]) for r in out.contributions.responses), reverse=True
+    )[:10]
+    assert all(r["tokens"] and len(r["tokens"]) == r["length"] for r in result.top_responses)
