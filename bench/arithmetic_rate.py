@@ -11,8 +11,9 @@ import time
 import torch
 from jsonargparse import CLI
 
-from probe_lightning.data import format_prompt, load_problems
+from probe_lightning.data import format_prompt
 from probe_lightning.models import load_model_and_tokenizer
+from probe_lightning.problems import load_problems
 from probe_lightning.rewards import correctness_reward
 
 

@@ -19,8 +19,9 @@ from jsonargparse import CLI
 from transformers import Trainer, TrainingArguments
 
 import train
-from probe_lightning.data import arithmetic_problems, format_prompt
+from probe_lightning.data import format_prompt
 from probe_lightning.models import DEFAULT_MODEL, load_model_and_tokenizer
+from probe_lightning.problems import arithmetic_problems
 
 ROOT = Path(__file__).parents[1]
 COLUMNS = ("eta", "delta_h1", "delta_h_true", "delta_h_true_se", "ess", "ratio", "covariance_proxy")

@@ -16,6 +16,7 @@ from probe_lightning.results import ProbeResult, RunResults, write_json
 
 
 def results_path(trainer: pl.Trainer) -> Path:
+    """Where results.json goes. trainer.log_dir is a collective under DDP: every process must ask, once."""
     return Path(trainer.log_dir or trainer.default_root_dir) / "results.json"
 
 
@@ -24,8 +25,14 @@ class DeltaH1Logger(pl.Callback):
 
     def __init__(self):
         self.results: RunResults | None = None
+        self.path: Path | None = None  # results.json
+
+    def on_predict_start(self, trainer, pl_module):
+        self.path = results_path(trainer)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: StepOutput, batch, batch_idx, dataloader_idx=0):
+        if outputs is None:  # this process failed; the probe's end raises its error on every process
+            return
         rollout = outputs.rollout
         batch_metrics = {
             f"batch/{rollout.role}/reward_mean": rollout.rewards.mean().item(),
@@ -54,12 +61,12 @@ class DeltaH1Logger(pl.Callback):
             self._log_sweep(trainer, result)
         if outputs.contributions is not None:
             self._write_tables(trainer, outputs.contributions, result.counterfactuals)
-        _write(results_path(trainer), outputs.results.to_dict())
+        _write(self.path, outputs.results.to_dict())
 
     @rank_zero_only
     def _write_tables(self, trainer, contributions: ProbeContributions, counterfactuals: dict) -> None:
         """The probe's response and token rows as Parquet next to results.json (pandas, duckdb, datasets)."""
-        folder = results_path(trainer).parent
+        folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
         k = contributions.probe_index
         datasets.Dataset.from_list(contributions.responses).to_parquet(str(folder / f"responses_probe{k}.parquet"))
@@ -73,7 +80,7 @@ class DeltaH1Logger(pl.Callback):
     def _log_sweep(self, trainer, result: ProbeResult) -> None:
         """The η sweep: a PNG next to results.json, and the same numbers and figure in TensorBoard."""
         figure = eta_sweep_figure(result.eta_sweep, f"probe {result.probe_index}: true ΔH against predictions")
-        path = results_path(trainer).with_name(f"eta_sweep_probe{result.probe_index}.png")
+        path = self.path.with_name(f"eta_sweep_probe{result.probe_index}.png")
         path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path)
         for logger in trainer.loggers:
@@ -89,8 +96,8 @@ class DeltaH1Logger(pl.Callback):
         if self.results is None:
             return
         results = self.results.to_dict()
-        _write(results_path(trainer), results)
-        _report(results, results_path(trainer).parent)
+        _write(self.path, results)
+        _report(results, self.path.parent)
         for logger in trainer.loggers:
             logger.save()
         if "delta_h1" in results:
@@ -106,7 +113,7 @@ class DeltaH1Logger(pl.Callback):
                 f"{results['update']}, loss: {results['trainer']['loss_type']['value']}, "
                 f"mixed U prompts: {results['mixed_update_fraction']:.0%}){empty}"
             )
-        rank_zero_info(f"results: {results_path(trainer)}")
+        rank_zero_info(f"results: {self.path}")
 
 
 @rank_zero_only

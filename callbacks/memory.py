@@ -40,6 +40,8 @@ class MemoryMonitor(pl.Callback):
         kind = "cuda" if pl_module.device.type == "cuda" else "rss"
         key = f"peak_{kind}_mib_{batch.role}_batches"
         peak = _peak_mib(pl_module.device)
+        if outputs is None:  # this process failed; the probe's end raises its error on every process
+            return
         memory = outputs.results.info.memory
         memory[key] = max(memory.get(key, 0.0), peak)
         for logger in trainer.loggers:

@@ -8,7 +8,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.delta_h1_logger import results_path
 from probe_lightning import rollout_store
-from probe_lightning.probe import StepOutput, sampling_identity
+from probe_lightning.build import sampling_identity
+from probe_lightning.probe import StepOutput
 
 
 def run_identity(pl_module) -> dict:

@@ -1,8 +1,10 @@
 """ProbeSums: one probe's ΣX, ΣY and counts; per-prompt losses are added to the sums by backward."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+from probe_lightning.distributed import Collectives
 
 NamedParams = list[tuple[str, torch.Tensor]]
 
@@ -86,3 +88,16 @@ class ProbeSums:
         """Mean per-token entropy of q over every response token of the probe, E and U."""
         e, u = self.counts["E"], self.counts["U"]
         return (e.entropy_sum + u.entropy_sum) / max(e.tokens + u.tokens, 1)
+
+    def all_reduce(self, collectives: Collectives) -> None:
+        """With several processes, every partial sum becomes the total over all of them (SUM, never a mean)."""
+        if not collectives.active:
+            return
+        collectives.sum_([s for column in self.sum_x for s in column] + self.sum_y)
+        names = [f.name for f in fields(RoleCounts)]
+        totals = torch.tensor([float(getattr(self.counts[r], n)) for r in "EU" for n in names], dtype=torch.float64)
+        collectives.sum_([totals])
+        for value, (role, name) in zip(totals.tolist(), [(r, n) for r in "EU" for n in names]):
+            kind = type(getattr(self.counts[role], name))
+            setattr(self.counts[role], name, round(value) if kind is int else value)
+        self.update_rewards = [r.cpu() for r in collectives.gather(torch.cat(self.update_rewards).cpu())]

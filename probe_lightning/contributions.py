@@ -55,6 +55,17 @@ class ProbeContributions:
                         "contribution": None if per_token is None else per_token[b, g, t].item(),
                     })  # fmt: skip
 
+    @classmethod
+    def merge(cls, parts: list["ProbeContributions"]) -> "ProbeContributions":
+        """Several processes' rows as one probe's, in one order whatever the number of processes."""
+        merged = cls(parts[0].probe_index)
+        for part in parts:
+            merged.responses.extend(part.responses)
+            merged.tokens.extend(part.tokens)
+        merged.responses.sort(key=_sample_order)
+        merged.tokens.sort(key=lambda token: (*_sample_order(token), token["position"]))
+        return merged
+
     def top_responses(self) -> list[dict]:
         """The TOP responses by |contribution|, each with its tokens (for the report)."""
         top = sorted(self.responses, key=lambda r: -abs(r["contribution"]))[:TOP]
@@ -94,3 +105,9 @@ class ProbeContributions:
                    "removed_delta_h1": d[~mask].sum().item()}
             for name, mask in keep.items()
         }  # fmt: skip
+
+
+def _sample_order(row: dict) -> tuple[int, int, int]:
+    """(role, prompt id, response index) from a row's key "probe/role/prompt_id/response"."""
+    _, role, prompt_id, response = row["key"].split("/")
+    return "EVU".index(role), int(prompt_id), int(response)

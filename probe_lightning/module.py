@@ -6,12 +6,22 @@ Lightning runs the loop (devices, precision, loggers); the probe's state and mat
 import lightning.pytorch as pl
 import torch
 
+from probe_lightning.build import build_probe
 from probe_lightning.checkpoints import LoadedCheckpoint, load_checkpoint
-from probe_lightning.config import EntropyTarget, Estimator, ProbeConfigError, SamplingConfig, TrainerConfig, Update
+from probe_lightning.config import (
+    EntropyTarget,
+    Estimator,
+    ProbeConfigError,
+    SamplingConfig,
+    TrainerConfig,
+    Update,
+)
 from probe_lightning.data import PromptBatch
+from probe_lightning.distributed import Collectives, check_strategy
 from probe_lightning.models import DEFAULT_MODEL, load_model_and_tokenizer
-from probe_lightning.probe import Probe, RolloutCheck, StepOutput, build_probe
-from probe_lightning.sequence_processor import GenerationConfig, SequenceProcessor
+from probe_lightning.probe import Probe, RolloutCheck, StepOutput
+from probe_lightning.sampling import GenerationConfig
+from probe_lightning.sequence_processor import SequenceProcessor
 from probe_lightning.settings import ProbeSettings
 
 
@@ -89,6 +99,9 @@ class EntropyProbe(pl.LightningModule):
             self.policy, tokenizer = load_model_and_tokenizer(settings.model)
         self.processor = SequenceProcessor(self.policy, tokenizer, settings.generation)
 
+    def setup(self, stage: str) -> None:
+        check_strategy(self.trainer.strategy)
+
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled():
             raise ProbeConfigError(
@@ -96,6 +109,8 @@ class EntropyProbe(pl.LightningModule):
             )
         self.probe = build_probe(self.processor, self.settings, self.loaded_checkpoint)
         self.probe.checks = self.rollout_checks
+        self.probe.collectives = Collectives(self.trainer.world_size)
+        self.probe.results.info.world_size = self.trainer.world_size
 
     def predict_step(self, batch: PromptBatch) -> StepOutput:
         return self.probe.step(batch)

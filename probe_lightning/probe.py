@@ -5,22 +5,21 @@ X̄ = ΣX / B_E, ∇J̄ = ΣY / B_U (times the batch-level factors the trainer a
 ∇J̄ by the update geometry, δH₁ = η ⟨X̄, Ȳ⟩ (docs/math.md).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
 
 from probe_lightning import estimators
 from probe_lightning.accumulator import NamedParams, ProbeSums
-from probe_lightning.checkpoints import LoadedCheckpoint, trainable_parameters
 from probe_lightning.config import require
 from probe_lightning.contributions import ProbeContributions
 from probe_lightning.data import PromptBatch
 from probe_lightning.directional import directional_derivatives
-from probe_lightning.optimizer_state import OptimizerState, load_optimizer_state, resolve_learning_rate
-from probe_lightning.results import ProbeResult, RunInfo, RunResults, run_notes
+from probe_lightning.distributed import Collectives
+from probe_lightning.results import ProbeResult, RunResults
 from probe_lightning.rollout import Rollout, RolloutMaker
-from probe_lightning.sequence_processor import GenerationConfig, SequenceProcessor, TeacherForcing
+from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
 from probe_lightning.settings import ProbeSettings
 from probe_lightning.trainer_loss import STD_EPS, clip_factor, token_coefficients
 from probe_lightning.true_change import covariance_proxy, eta_sweep
@@ -87,8 +86,28 @@ class Probe:
         self.evaluation: list[tuple[Rollout, TeacherForcing]] = []
         self.vectors: ProbeVectors | None = None
         self.contributions: ProbeContributions | None = None  # the finished probe's, until step hands them on
+        self.collectives = Collectives()  # several processes: set by the LightningModule
+        self.failure: Exception | None = None  # this process's error, held until the probe's end with several
 
-    def step(self, batch: PromptBatch) -> StepOutput:
+    def step(self, batch: PromptBatch) -> StepOutput | None:
+        """One prompt batch; on the probe's last, the finished probe. With several processes an error is
+        held until every process reaches the probe's end, where all of them raise it."""
+        output = None
+        if self.failure is None:
+            try:
+                output = self._work(batch)
+            except Exception as error:
+                if not self.collectives.active:
+                    raise
+                self.failure = error
+        if not batch.last_in_probe:
+            return output
+        self.collectives.raise_any(self.failure)
+        finished = self.finish(batch.probe_index)
+        contributions, self.contributions = self.contributions, None  # hand one probe's tables on, keep none
+        return replace(output, finished=finished, contributions=contributions)
+
+    def _work(self, batch: PromptBatch) -> StepOutput:
         with self.results.timed("generate"):
             rollout = self.make_rollout(batch)
         for check in self.checks:
@@ -96,11 +115,7 @@ class Probe:
         if batch.role == "V":
             return self.evaluate(rollout)
         seq_logprobs, token_entropies = self.accumulate(rollout)
-        if not batch.last_in_probe:
-            return StepOutput(rollout, seq_logprobs, token_entropies, self.results)
-        finished = self.finish(batch.probe_index)
-        contributions, self.contributions = self.contributions, None  # hand one probe's tables on, keep none
-        return StepOutput(rollout, seq_logprobs, token_entropies, self.results, finished, contributions)
+        return StepOutput(rollout, seq_logprobs, token_entropies, self.results)
 
     # ---- the per-sample losses ----
 
@@ -176,6 +191,7 @@ class Probe:
         """X̄, ∇J̄ and Ȳ from the sums, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the standard error, contributions,
         covariance proxy and η sweep as asked."""
         sums = self.sums
+        sums.all_reduce(self.collectives)
         e, u = sums.counts["E"], sums.counts["U"]
         B_E, B_U = e.prompts, u.prompts
         require(B_E > 0 and B_U > 0, f"probe {probe_index} ended with B_E={B_E}, B_U={B_U}: both must be >= 1")
@@ -223,6 +239,7 @@ class Probe:
                 result.eta_sweep, result.eta_sweep_summary = eta_sweep(
                     self.processor, self.named_params, self.geometry, x_bar, grad_j, self.settings.eta_sweep,
                     self.evaluation, entropy_batch, self.settings.entropy_target, result.covariance,
+                    self.collectives.gather,
                 )  # fmt: skip
         self.sums, self.scored, self.evaluation = ProbeSums(self.named_params, self.entropy_columns), [], []
         self.results.probes.append(result)
@@ -239,12 +256,13 @@ class Probe:
         derivatives = directional_derivatives(
             self.processor, self.named_params, micros, directions, self.directional_outputs
         )
-        contributions = ProbeContributions(result.probe_index)
-        a_e, b_u, update_ids = [], [], []
+        local = ProbeContributions(result.probe_index)
+        a_e, b_u, update_ids, entropy_ids = [], [], [], []
         for (micro, derivative), (_, tf) in zip(derivatives, self.scored):
             G = micro.batch.num_responses_per_prompt
             if micro.role == "E":
                 a_e.append(derivative.mean(1))
+                entropy_ids.extend(micro.prompt_ids)
                 per_response, per_token = scale * derivative / (G * B_E), None
             else:
                 token_b = self.update_coefficients(micro).double() * vectors.update_scale * derivative
@@ -252,14 +270,18 @@ class Probe:
                 update_ids.extend(micro.prompt_ids)
                 per_token = scale * token_b / B_U
                 per_response = per_token.sum(-1)
-            contributions.add_rollout(
+            local.add_rollout(
                 micro, per_response, per_token, tf.token_logprobs, tf.token_entropies, self.processor.tokenizer
             )
-        a_e, b_u = torch.cat(a_e), torch.cat(b_u)
+        shares = self.collectives.gather((torch.cat(a_e).cpu(), entropy_ids, torch.cat(b_u).cpu(), update_ids, local))
+        a_e, entropy_ids, b_u, update_ids = (
+            torch.cat([s[0] for s in shares]), [i for s in shares for i in s[1]],
+            torch.cat([s[2] for s in shares]), [i for s in shares for i in s[3]],
+        )  # fmt: skip
+        contributions = ProbeContributions.merge([s[4] for s in shares])
         result.delta_h1_se = estimators.plugin_standard_error(a_e, b_u, scale)
         result.delta_h1_se_parts = estimators.standard_error_parts(a_e, b_u, scale)
         result.update_prompt_contributions = dict(zip(update_ids, (scale * b_u / B_U).tolist()))
-        entropy_ids = [i for micro, _ in self.scored if micro.role == "E" for i in micro.prompt_ids]
         result.entropy_prompt_contributions = dict(zip(entropy_ids, (scale * a_e / B_E).tolist()))
         result.contributions_add_up_to = "the linearised step" if self.geometry.kind == "adamw_step" else "delta_h1"
         result.top_responses = contributions.top_responses()
@@ -271,9 +293,10 @@ class Probe:
         """Cov(log π(y_t), A(y_t)) over the U batch's response tokens (the covariance proxy's)."""
         update = [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
         masks = [tf.response_mask.bool() for _, tf in update]
-        log_q = torch.cat([tf.token_logprobs[m] for (_, tf), m in zip(update, masks)]).double()
+        log_q = torch.cat([tf.token_logprobs[m] for (_, tf), m in zip(update, masks)]).double().cpu()
         advantage = torch.cat([micro.advantages[..., None].expand_as(m)[m] for (micro, _), m in zip(update, masks)])
-        return covariance_proxy(log_q, advantage.double())
+        shares = self.collectives.gather((log_q, advantage.double().cpu()))
+        return covariance_proxy(torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares]))
 
     def _batch_scale(self, tokens_per_prompt: float) -> float:
         """The trainer's normalisers that need the whole U batch: dapo/bnpo's token count (the U batch as
@@ -282,52 +305,3 @@ class Probe:
         if self.trainer.scale_rewards == "batch" and self.settings.G > 1:  # with G = 1 every A is 0
             factor /= torch.cat(self.sums.update_rewards).std().item() + STD_EPS
         return factor
-
-
-def sampling_identity(config: GenerationConfig) -> dict:
-    """The generation settings a set of sampled responses depends on (not batch sizes)."""
-    keys = ("max_new_tokens", "temperature", "top_p", "pad_token_id", "eos_token_id", "stop_strings")
-    return {key: getattr(config, key) for key in keys}
-
-
-def build_probe(
-    processor: SequenceProcessor, settings: ProbeSettings, checkpoint: LoadedCheckpoint | None = None
-) -> Probe:
-    """A Probe over the processor's model: its optimizer state, η and update geometry resolved once."""
-    named_params = trainable_parameters(processor.model)
-    require(named_params, f"model {settings.model!r} has no trainable parameters")
-    if checkpoint is not None:
-        optimizer = checkpoint.optimizer
-    elif settings.optimizer_state:
-        optimizer = load_optimizer_state(settings.optimizer_state, named_params, settings.update != "identity")
-    else:
-        optimizer = OptimizerState(None, None, "there is no checkpoint or optimizer_state to take it from")
-    learning_rate, source = resolve_learning_rate(settings.learning_rate, optimizer)
-    device = processor.device
-    states = None if optimizer.adam_states is None else [s.to(device) for s in optimizer.adam_states]
-    geometry = UpdateGeometry.build(settings.update, learning_rate, states)
-    trainer = settings.trainer_settings
-    info = RunInfo(
-        model=settings.model,
-        learning_rate=learning_rate,
-        learning_rate_source=source,
-        update=geometry.kind,
-        entropy_target=settings.entropy_target,
-        estimator=settings.estimator,
-        trainer={name: {"value": value, "source": settings.trainer_sources[name]}
-                 for name, value in vars(trainer).items()},
-        G=settings.G,
-        G_E=settings.G_E,
-        use_sequence_processor=settings.sampling.use_sequence_processor,
-        sampling=sampling_identity(processor.config),
-        checkpoint=settings.checkpoint,
-        checkpoint_format=checkpoint.format if checkpoint else None,
-        global_step=checkpoint.global_step if checkpoint else None,
-        notes=run_notes(
-            geometry.kind, settings.G, settings.G_E, settings.entropy_target, settings.estimator, trainer.loss_type
-        ),
-    )
-    rollouts = RolloutMaker(
-        processor, settings.sampling.use_sequence_processor, settings.G, settings.G_E, trainer.scale_rewards
-    )
-    return Probe(processor, rollouts, named_params, geometry, settings, RunResults(info))

@@ -16,7 +16,7 @@ from probe_lightning.true_change import sweep_summary
 # results.json's top level carries these per-probe numbers averaged over the probes.
 _AVERAGED = (
     "delta_h1", "bars_dot", "x_norm", "y_norm", "B_E", "B_U", "reward_mean", "entropy_mean", "clip_factor",
-    "mixed_update_fraction",
+    "mixed_update_fraction", "covariance",
 )  # fmt: skip
 
 
@@ -66,6 +66,7 @@ class RunInfo:
     G_E: int
     use_sequence_processor: bool
     sampling: dict = field(default_factory=dict)  # what q and the responses depend on: temperature, top_p, ...
+    world_size: int = 1  # processes the prompts were split across (their sums all-reduced)
     checkpoint: str | None = None
     checkpoint_format: str | None = None  # hf_full, hf_lora or lightning
     global_step: int | None = None  # optimizer steps the checkpoint had taken

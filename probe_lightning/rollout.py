@@ -9,6 +9,7 @@ A replayed batch (data.rollouts) brings its saved responses; they are scored exa
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from probe_lightning.config import ScaleRewards, require
@@ -51,6 +52,13 @@ class Rollout:
             max_lengths=self.max_lengths[prompts],
             use_sequence_processor=self.use_sequence_processor,
         )
+
+
+def sample_seed(prompts: PromptBatch, prompt_id: int, response: int) -> int:
+    """The seed of one response's generator: (data seed, probe, role, prompt id, response index), so the
+    same config samples the same responses on any number of processes and in any batch."""
+    entropy = [prompts.seed, prompts.probe_index, "EVU".index(prompts.role), prompt_id, response]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class RolloutMaker:
@@ -103,16 +111,17 @@ class RolloutMaker:
         G = self.num_samples(prompts.role)
         texts = [format_prompt(self.processor.tokenizer, q) for q in prompts.questions]
         self._check_prompt_lengths(texts, prompts.prompt_ids)
+        seeds = [sample_seed(prompts, prompt_id, g) for prompt_id in prompts.prompt_ids for g in range(G)]
         if self.use_sequence_processor:
-            return self.processor.generate_batched(texts, G)
-        return self._legacy_generate(texts, G)
+            return self.processor.generate_batched(texts, G, seeds=seeds)
+        return self._legacy_generate(texts, G, seeds)
 
     @torch.no_grad()
-    def _legacy_generate(self, prompts: list[str], G: int) -> BatchedSequences:
+    def _legacy_generate(self, prompts: list[str], G: int, seeds: list[int]) -> BatchedSequences:
         """The seed's path: prompt_lens is the padded prompt length."""
         processor, tokenizer = self.processor, self.processor.tokenizer
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(processor.device)
-        out = processor.sample(encoded.input_ids, encoded.attention_mask, num_return_sequences=G)
+        out = processor.sample(encoded.input_ids, encoded.attention_mask, num_return_sequences=G, seeds=seeds)
         prompt_len = encoded.input_ids.shape[1]
         prompt_mask = encoded.attention_mask.repeat_interleave(G, dim=0)
         return processor.assemble(out[:, :prompt_len], prompt_mask, out[:, prompt_len:], G)

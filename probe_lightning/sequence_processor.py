@@ -4,71 +4,15 @@ q (docs/math.md) is what generation really samples from: softmax(z / temperature
 truncation. Teacher forcing applies transformers' own warpers, in generate's order, so the two agree.
 """
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import transformers
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessorList
 
 from probe_lightning.config import require
-from probe_lightning.token_scores import token_scores
-
-
-@dataclass
-class GenerationConfig:
-    """How responses are sampled. pad/eos ids left as None are taken from the tokenizer."""
-
-    max_new_tokens: int | None = None  # TRL's max_completion_length; None: the checkpoint's, else TRL's default
-    temperature: float = 1.0
-    top_p: float = 1.0
-    pad_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    gen_batch_size: int = 32  # sequences per model.generate call
-    # Sequences per teacher-forcing forward. A forward holds whole prompts (all G responses, so a
-    # group's baseline sees its group): tf_batch_size // G prompts, at least one.
-    tf_batch_size: int = 16
-    stop_strings: list[str] = field(default_factory=list)  # a response ends after any of these
-
-    def __post_init__(self):
-        require(self.temperature > 0, f"generation.temperature must be > 0, got {self.temperature}")
-        require(0 < self.top_p <= 1, f"generation.top_p must be in (0, 1], got {self.top_p}")
-        require(
-            self.max_new_tokens is None or self.max_new_tokens >= 1,
-            f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}",
-        )
-        require(self.gen_batch_size >= 1, f"generation.gen_batch_size must be >= 1, got {self.gen_batch_size}")
-        require(self.tf_batch_size >= 1, f"generation.tf_batch_size must be >= 1, got {self.tf_batch_size}")
-
-    @property
-    def eos_token_ids(self) -> list[int]:
-        if self.eos_token_id is None:
-            return []
-        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
-
-    def logits_warper(self) -> LogitsProcessorList:
-        """z -> scores of q, exactly as model.generate builds them (temperature first, then top-p)."""
-        warpers = LogitsProcessorList()
-        if self.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(self.temperature))
-        if self.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(self.top_p))
-        return warpers
-
-    def to_hf(self) -> transformers.GenerationConfig:
-        # top_k=0 and the neutral values override transformers' defaults (top_k=50!), which would
-        # otherwise make generation sample from a distribution teacher forcing does not know about.
-        return transformers.GenerationConfig(
-            do_sample=True,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=0,
-            typical_p=1.0,
-            repetition_penalty=1.0,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.eos_token_id,
-            stop_strings=self.stop_strings or None,
-        )
+from probe_lightning.sampling import GenerationConfig, SeededGumbel
+from probe_lightning.token_scores import head_token_scores, token_scores
 
 
 @dataclass
@@ -169,8 +113,15 @@ class SequenceProcessor:
     # ---- generation ----
 
     @torch.no_grad()
-    def generate_batched(self, prompts: list[str], G: int, gen_batch_size: int | None = None) -> BatchedSequences:
-        """Sample G responses for each prompt, gen_batch_size sequences per model.generate call."""
+    def generate_batched(
+        self, prompts: list[str], G: int, gen_batch_size: int | None = None, seeds: list[int] | None = None
+    ) -> BatchedSequences:
+        """Sample G responses for each prompt, gen_batch_size sequences per model.generate call.
+
+        seeds: one per response (prompt-major): each response is drawn from its own generator (SeededGumbel),
+        so it depends on its seed only, not on the batch or the process it is sampled in. None: torch's
+        global generator.
+        """
         require(G >= 1, f"G must be >= 1, got {G}")
         gen_batch_size = gen_batch_size or self.config.gen_batch_size
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -180,7 +131,7 @@ class SequenceProcessor:
         chunks = []
         for start in range(0, prompt_ids.shape[0], gen_batch_size):
             rows = slice(start, start + gen_batch_size)
-            out = self.sample(prompt_ids[rows], prompt_mask[rows])
+            out = self.sample(prompt_ids[rows], prompt_mask[rows], seeds=None if seeds is None else seeds[rows])
             chunks.append(out[:, prompt_len:])
         width = max(chunk.shape[1] for chunk in chunks)
         responses = torch.cat(
@@ -209,10 +160,26 @@ class SequenceProcessor:
             pad_token_id=self.config.pad_token_id,
         )
 
-    def sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_return_sequences: int = 1):
-        """One model.generate call sampling from q: [N, P] prompts -> [N * num_return_sequences, P + R]."""
+    def sample(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_return_sequences: int = 1,
+        seeds: list[int] | None = None,
+    ):
+        """One model.generate call sampling from q: [N, P] prompts -> [N * num_return_sequences, P + R].
+
+        seeds (one per output row): sample each row as argmax(scores of q + Gumbel noise from its own
+        generator) — exactly a draw from q — instead of generate's batch-wide multinomial.
+        """
         hf_config = self.config.to_hf()
         hf_config.num_return_sequences = num_return_sequences
+        processors = None
+        if seeds is not None:  # greedy generate refuses num_return_sequences: the rows are repeated here
+            input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
+            hf_config.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1)
+            processors = LogitsProcessorList([*self.config.logits_warper(), SeededGumbel(seeds, self.device)])
         # Swap in a blank model generation config so a checkpoint's own sampling defaults
         # (top_k, min_p, repetition penalty, ...) cannot leak into q.
         saved, self.model.generation_config = self.model.generation_config, transformers.GenerationConfig()
@@ -221,6 +188,7 @@ class SequenceProcessor:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 generation_config=hf_config,
+                logits_processor=processors,
                 tokenizer=self.tokenizer,
             )
         finally:
@@ -302,8 +270,35 @@ class SequenceProcessor:
             logits_to_keep=torch.arange(prompt_len - 1, ids.shape[1] - 1, device=ids.device),
             use_cache=False,
         )
+        targets, warper = ids[:, prompt_len:], self.config.logits_warper()
+        head = self._linear_head()
+        if head is None:  # an output layer that is not a plain linear map: from its logits
+            return token_scores(self._forward(inputs, parameters).logits, targets, warper, with_grad)
+        # From the final hidden states: the model computes no logits at all (an empty logits_to_keep).
+        hidden = {}
+
+        def keep(module, args, output):
+            hidden["states"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        hook = self.model.get_decoder().register_forward_hook(keep)
+        try:
+            self._forward({**inputs, "logits_to_keep": inputs["logits_to_keep"][:0]}, parameters)
+        finally:
+            hook.remove()
+        name, weight = head
+        weight = weight if parameters is None else parameters.get(name, weight)
+        states = hidden["states"][:, prompt_len - 1 : ids.shape[1] - 1]
+        return head_token_scores(states, weight, targets, warper, with_grad)
+
+    def _forward(self, inputs: dict, parameters: dict[str, torch.Tensor] | None):
         if parameters is None:
-            logits = self.model(**inputs).logits
-        else:
-            logits = torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs).logits
-        return token_scores(logits, ids[:, prompt_len:], self.config.logits_warper(), with_grad)
+            return self.model(**inputs)
+        return torch.func.functional_call(self.model, parameters, args=(), kwargs=inputs)
+
+    def _linear_head(self) -> tuple[str, torch.Tensor] | None:
+        """(name, weight) of the output layer when logits = hidden @ weightᵀ exactly, else None."""
+        head, config = self.model.get_output_embeddings(), self.model.config
+        plain = type(head) is torch.nn.Linear and head.bias is None
+        if not plain or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            return None
+        return next((n, p) for n, p in self.model.named_parameters(remove_duplicate=False) if p is head.weight)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from probe_lightning.config import EntropyTarget, Estimator, SamplingConfig, TrainerConfig, Update, require
 from probe_lightning.models import DEFAULT_MODEL
-from probe_lightning.sequence_processor import GenerationConfig
+from probe_lightning.sampling import GenerationConfig
 from probe_lightning.trainer_loss import TrainerSettings
 from probe_lightning.training_args import resolve_trainer_settings
 from probe_lightning.update import resolve_update

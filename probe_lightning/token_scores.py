@@ -1,4 +1,6 @@
-"""log q(y_t) and the entropy of q at every response position, from logits, a few rows at a time.
+"""log q(y_t) and the entropy of q at every response position, a few rows at a time: from the final hidden
+states and the output layer (the logits exist one chunk at a time, and are recomputed in the backward),
+or, for output layers that are not a plain linear map, from the logits.
 
 q (docs/math.md) is softmax(z / temperature) then top-p truncation: transformers' own warpers, in
 generate's order, so teacher forcing and generation always agree.
@@ -22,6 +24,49 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProc
         return _TokenScores.apply(logits, targets, warper, rows_per_chunk)
     chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
     return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+
+
+def head_token_scores(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList, with_grad: bool
+):
+    """As token_scores, from [N, R, H] final hidden states and the [V, H] output weight: no [N, R, V] logits
+    are ever held, only a chunk of about _CHUNK_ELEMENTS of them."""
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (hidden.shape[1] * weight.shape[0]))
+    if with_grad:
+        return _HeadScores.apply(hidden, weight, targets, warper, rows_per_chunk)
+    chunks = [_chunk_scores(_logits(h, weight), y, warper) for h, y in _split(rows_per_chunk, hidden, targets)]
+    return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+
+
+class _HeadScores(torch.autograd.Function):
+    """(log q(y_t), H_t) from hidden states and the output weight, chunk by chunk; backward recomputes each
+    chunk's logits, so the only vocabulary-sized tensors are one chunk's."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, warper: LogitsProcessorList, rows_per_chunk: int):
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.warper, ctx.rows_per_chunk = warper, rows_per_chunk
+        ctx.set_materialize_grads(False)
+        chunks = [_chunk_scores(_logits(h, weight), y, warper) for h, y in _split(rows_per_chunk, hidden, targets)]
+        return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logprobs, grad_entropies):
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        grads = [g.split(ctx.rows_per_chunk) if g is not None else None for g in (grad_logprobs, grad_entropies)]
+        for i, (h, y, out) in enumerate(_split(ctx.rows_per_chunk, hidden, targets, grad_hidden)):
+            with torch.enable_grad():
+                h = h.detach().requires_grad_()
+                w = weight.detach().requires_grad_()
+                scores = _warp(_logits(h, w), ctx.warper)
+            grad_scores = _grad_scores(scores.detach(), y, *(g[i] if g is not None else None for g in grads))
+            grad_h, grad_w = torch.autograd.grad(scores, (h, w), grad_scores)
+            out.copy_(grad_h)
+            grad_weight += grad_w
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
 class _TokenScores(torch.autograd.Function):
@@ -51,17 +96,33 @@ class _TokenScores(torch.autograd.Function):
             with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
                 z = z.detach().requires_grad_(bool(ctx.warper))
                 scores = _warp(z, ctx.warper)
-            g = g[..., None].to(scores.dtype)
-            q = scores.detach().softmax(-1)
-            grad_scores = q.mul(-g).scatter_add_(-1, y[..., None], g)
-            if grad_entropies is not None:
-                g_h = grad_entropies.split(ctx.rows_per_chunk)[i][..., None].to(scores.dtype)
-                logq = scores.detach().log_softmax(-1)
-                entropy = -(q * logq).nansum(-1, keepdim=True)
-                # Outside the top-p set q = 0: its term is 0, not 0 · (−inf).
-                grad_scores -= g_h * torch.where(q > 0, q * (logq + entropy), 0.0)
+            g_h = None if grad_entropies is None else grad_entropies.split(ctx.rows_per_chunk)[i]
+            grad_scores = _grad_scores(scores.detach(), y, g, g_h)
             out.copy_(torch.autograd.grad(scores, z, grad_scores)[0] if ctx.warper else grad_scores)
         return grad_logits, None, None, None
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[N, R, H] @ [V, H]ᵀ as one 2-D matmul: torch.matmul picks its kernel by whether an input needs a
+    gradient, which would make the same numbers differ in the last bit between the probe's passes."""
+    return (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).view(*hidden.shape[:-1], weight.shape[0])
+
+
+def _grad_scores(scores, targets, grad_logprobs, grad_entropies) -> torch.Tensor:
+    """d(Σ g·log q(y) + Σ g_H·H) / d scores: g (onehot(y) − q) − g_H q (log q + H)."""
+    q = scores.softmax(-1)
+    if grad_logprobs is None:
+        grad = torch.zeros_like(q)
+    else:
+        g = grad_logprobs[..., None].to(scores.dtype)
+        grad = q.mul(-g).scatter_add_(-1, targets[..., None], g)
+    if grad_entropies is not None:
+        g_h = grad_entropies[..., None].to(scores.dtype)
+        logq = scores.log_softmax(-1)
+        entropy = -(q * logq).nansum(-1, keepdim=True)
+        # Outside the top-p set q = 0: its term is 0, not 0 · (−inf).
+        grad -= g_h * torch.where(q > 0, q * (logq + entropy), 0.0)
+    return grad
 
 
 def _split(rows: int, *tensors: torch.Tensor):

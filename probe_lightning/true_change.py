@@ -7,6 +7,7 @@ Every entropy target is a ratio Σ_i w_i num_i / Σ_i w_i den_i (den = |y| for t
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,15 +44,23 @@ def score(
 
 
 def true_change(
-    rollouts: list[Rollout], at_theta: list[TeacherForcing], at_step: list[TeacherForcing], target: str, budget: int
+    rollouts: list[Rollout],
+    at_theta: list[TeacherForcing],
+    at_step: list[TeacherForcing],
+    target: str,
+    budget: int,
+    gather: Callable[[object], list] = lambda value: [value],
 ) -> TrueChange:
-    """ΔH = H(θ') − H(θ) on the rollouts' responses (sampled at θ), from their scores at θ and at θ'."""
+    """ΔH = H(θ') − H(θ) on the rollouts' responses (sampled at θ), from their scores at θ and at θ'.
+
+    gather: every process's share (Collectives.gather), so the estimate is over all of them.
+    """
     before = [target_terms(r, tf, target, budget) for r, tf in zip(rollouts, at_theta)]
     after = [target_terms(r, tf, target, budget) for r, tf in zip(rollouts, at_step)]
     log_w = torch.cat([b.seq_logprobs.double() - a.seq_logprobs.double() for a, b in zip(at_theta, at_step)])
+    local = (log_w, *(torch.cat(column) for column in zip(*before)), *(torch.cat(column) for column in zip(*after)))
+    log_w, num0, den0, num1, den1 = (torch.cat(parts) for parts in zip(*gather([x.cpu() for x in local])))
     w = (log_w - log_w.max()).exp()  # self-normalised: any common factor cancels
-    num0, den0 = (torch.cat(column) for column in zip(*before))
-    num1, den1 = (torch.cat(column) for column in zip(*after))
     per_prompt = [x.sum(1) for x in (num0, den0, w * num1, w * den1)]
     return TrueChange(_ratio_difference(*per_prompt), _ratio_difference_se(*per_prompt), _ess(w))
 
@@ -101,6 +110,7 @@ def eta_sweep(
     entropy_batch: list[tuple[Rollout, TeacherForcing]],
     target: str,
     covariance: float,
+    gather: Callable[[object], list] = lambda value: [value],
 ) -> tuple[list[dict], dict]:
     """One row per η: δH₁(η) = ⟨X̄, Δθ(η)⟩, the true ΔH on the evaluation (V) batch and, labelled, on the
     E batch's own responses (which share δH₁'s samples), and the covariance proxy −η Cov(log π, A).
@@ -114,8 +124,8 @@ def eta_sweep(
         step = geometry.step(grad_j, params, eta)
         parameters = {name: p.detach() + s.to(p.dtype) for (name, p), s in zip(named_params, step)}
         delta_h1 = sum(torch.dot(x.double().flatten(), s.double().flatten()).item() for x, s in zip(x_bar, step))
-        v = true_change(v_rollouts, v_scores, score(processor, v_rollouts, parameters), target, budget)
-        e = true_change(e_rollouts, e_scores, score(processor, e_rollouts, parameters), target, budget)
+        v = true_change(v_rollouts, v_scores, score(processor, v_rollouts, parameters), target, budget, gather)
+        e = true_change(e_rollouts, e_scores, score(processor, e_rollouts, parameters), target, budget, gather)
         ratio = v.delta / delta_h1 if delta_h1 else float("nan")
         rows.append({
             "eta": eta, "delta_h1": delta_h1, "delta_h_true": v.delta, "delta_h_true_se": v.se, "ess": v.ess,
@@ -125,7 +135,8 @@ def eta_sweep(
         })  # fmt: skip
     padded = [replace(r, batch=r.batch.left_padded(8)) for r in v_rollouts]
     at_theta = {name: p.detach() for name, p in named_params}
-    noise_floor = abs(true_change(padded, v_scores, score(processor, padded, at_theta), target, budget).delta)
+    at_theta_padded = score(processor, padded, at_theta)
+    noise_floor = abs(true_change(padded, v_scores, at_theta_padded, target, budget, gather).delta)
     return rows, sweep_summary(rows, noise_floor)
 
 

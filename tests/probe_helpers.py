@@ -5,12 +5,14 @@ from dataclasses import replace
 
 import torch
 
+from probe_lightning.build import build_probe
 from probe_lightning.checkpoints import load_checkpoint
 from probe_lightning.config import TrainerConfig
 from probe_lightning.data import PromptBatch
 from probe_lightning.models import load_model_and_tokenizer
-from probe_lightning.probe import Probe, build_probe
-from probe_lightning.sequence_processor import GenerationConfig, SequenceProcessor
+from probe_lightning.probe import Probe
+from probe_lightning.sampling import GenerationConfig
+from probe_lightning.sequence_processor import SequenceProcessor
 from probe_lightning.settings import ProbeSettings
 
 # Only the output layer is trainable in the exactness tests, which keeps the noise of ⟨X̄, Ȳ⟩ low
@@ -49,9 +51,10 @@ def make_probe(
 
 
 def prompt_batches(
-    probe_index, entropy_prompts, update_prompts, rollout_batch_size, evaluation_prompts=()
+    probe_index, entropy_prompts, update_prompts, rollout_batch_size, evaluation_prompts=(), seed=0
 ) -> list[PromptBatch]:
-    """The DataModule's batch order: E batches, V batches (if any), then U batches, the last one closing the probe."""
+    """The DataModule's batch order: E batches, V batches (if any), then U batches, the last one closing the
+    probe. seed: the data seed, which with probe, role and prompt id seeds each response's sampling."""
     batches = []
     for role, prompts in (("E", entropy_prompts), ("V", evaluation_prompts), ("U", update_prompts)):
         for start in range(0, len(prompts), rollout_batch_size):
@@ -64,17 +67,18 @@ def prompt_batches(
                     answers=[p.answer for p in chunk],
                     prompt_ids=list(range(start, start + len(chunk))),
                     last_in_probe=False,
+                    seed=seed,
                 )
             )
     batches[-1] = replace(batches[-1], last_in_probe=True)
     return batches
 
 
-def run_probes(probe: Probe, num_probes: int, entropy_prompts, update_prompts, rollout_batch_size=256):
+def run_probes(probe: Probe, num_probes: int, entropy_prompts, update_prompts, rollout_batch_size=256, seed=0):
     """(per-probe results, per-probe X̄, per-probe Ȳ), X̄ and Ȳ in float64."""
     x_bars, y_bars = [], []
     for k in range(num_probes):
-        for batch in prompt_batches(k, entropy_prompts, update_prompts, rollout_batch_size):
+        for batch in prompt_batches(k, entropy_prompts, update_prompts, rollout_batch_size, seed=seed):
             probe.step(batch)
         x_bars.append([x.double() for x in probe.vectors.x_bar])
         y_bars.append([y.double() for y in probe.vectors.y_bar])

@@ -20,9 +20,9 @@ from transformers import Trainer, TrainingArguments
 import train
 from probe_lightning.checkpoints import load_checkpoint
 from probe_lightning.config import ProbeConfigError
-from probe_lightning.data import load_problems
 from probe_lightning.models import load_model_and_tokenizer
 from probe_lightning.optimizer_state import load_optimizer_state
+from probe_lightning.problems import load_problems
 
 ROOT = Path(__file__).parents[1]
 GOOD_LINE = json.dumps({"question": "What is 2 + 2?", "answer": "4"})

@@ -17,7 +17,7 @@ import train
 from callbacks import BatchInvariants, DeltaH1Logger, MemoryMonitor
 from probe_lightning.data import ProbeDataModule
 from probe_lightning.module import EntropyProbe
-from probe_lightning.sequence_processor import GenerationConfig
+from probe_lightning.sampling import GenerationConfig
 
 ROOT = Path(__file__).parents[1]
 TENSORBOARD = ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir"]
@@ -251,4 +251,7 @@ def test_a_run_writes_the_sample_tables_the_counterfactual_chart_and_a_report(wo
     assert {"all", "top_entropy_0.2", "top_entropy_0.5", "clip_cov", "kl_cov"} == probe["counterfactuals"].keys()
     assert (folder / "counterfactuals_probe0.png").exists()
     page = (folder / "report.html").read_text()
-    assert "data:image/png;base64," in page and f"{results['delta_h1']:.3g}"[:5] in page.replace("−", "-")
+    headline = re.search(r"δH₁ = (\S+) ± (\S+) nats", page)
+    assert float(headline[1]) == pytest.approx(results["delta_h1"], rel=1e-3)
+    assert float(headline[2]) == pytest.approx(results["delta_h1_se"], rel=1e-3)
+    assert "data:image/png;base64," in page

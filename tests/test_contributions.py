@@ -19,9 +19,9 @@ def eos_world(tmp_path_factory) -> str:
 
 
 def run(world, seed=13, **settings):
-    torch.manual_seed(seed)
     probe = make_probe(world, G=3, G_E=3, entropy_target="token_mean", estimator="rb", dtype=torch.float64, **settings)
-    outputs = [probe.step(batch) for batch in prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=3)]
+    batches = prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=3, seed=seed)
+    outputs = [probe.step(batch) for batch in batches]
     return outputs[-1]
 
 

@@ -9,14 +9,8 @@ import pytest
 from jsonargparse import ArgumentParser
 
 from probe_lightning.config import BatchConfig, ProbeConfigError
-from probe_lightning.data import (
-    ARITHMETIC_MAX_FACTOR,
-    ProbeDataModule,
-    Problem,
-    PromptBatch,
-    format_prompt,
-    load_problems,
-)
+from probe_lightning.data import ProbeDataModule, PromptBatch, format_prompt
+from probe_lightning.problems import ARITHMETIC_MAX_FACTOR, Problem, load_problems
 from probe_lightning.rewards import correctness_reward
 
 

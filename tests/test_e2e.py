@@ -12,11 +12,14 @@ import torch
 
 import train
 from callbacks.invariants import check_rollout, check_scores
+from probe_lightning.build import build_probe
 from probe_lightning.config import SamplingConfig
-from probe_lightning.data import PromptBatch, arithmetic_problems
+from probe_lightning.data import PromptBatch
 from probe_lightning.models import DEFAULT_MODEL, load_model_and_tokenizer
-from probe_lightning.probe import ProbeSettings, build_probe
-from probe_lightning.sequence_processor import GenerationConfig, SequenceProcessor
+from probe_lightning.probe import ProbeSettings
+from probe_lightning.problems import arithmetic_problems
+from probe_lightning.sampling import GenerationConfig
+from probe_lightning.sequence_processor import SequenceProcessor
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[1]

@@ -41,9 +41,8 @@ def exact(world: str) -> dict:
 @functools.cache
 def x_bars(world: str, target: str, estimator: str) -> torch.Tensor:
     """[NUM_PROBES, parameters] flattened X̄ of independent probes."""
-    torch.manual_seed(2024)
     probe = make_probe(world, G=2, G_E=4, entropy_target=target, estimator=estimator, standard_error=False)
-    _, x, _ = run_probes(probe, NUM_PROBES, ENTROPY_PROMPTS, UPDATE_PROMPTS)
+    _, x, _ = run_probes(probe, NUM_PROBES, ENTROPY_PROMPTS, UPDATE_PROMPTS, seed=2024)
     return torch.stack([torch.cat([part.flatten() for part in x_bar]) for x_bar in x])
 
 

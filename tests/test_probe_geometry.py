@@ -35,8 +35,7 @@ def test_adam_preconditioned_delta_h1_is_unbiased(world, lm_head_adam_state):
     states = load_optimizer_state(lm_head_adam_state, probe.named_params).adam_states
     exact_prompts = [exact_prompt(probe.processor.model, probe.processor.tokenizer, p) for p in PROMPTS]
     exact, _, _ = exact_delta_h1(exact_prompts, exact_prompts, 4, 1.0, [s.preconditioner() for s in states])
-    torch.manual_seed(99)
-    results, _, _ = run_probes(probe, 200, ENTROPY_PROMPTS, UPDATE_PROMPTS)
+    results, _, _ = run_probes(probe, 200, ENTROPY_PROMPTS, UPDATE_PROMPTS, seed=99)
     values = torch.tensor([r.delta_h1 for r in results], dtype=torch.float64)
     z, se = z_score(values, exact)
     assert se < 0.1 * abs(exact), f"no power: SE {se:.3g} vs exact {exact:.3g}"

@@ -1,12 +1,14 @@
 """The SequenceProcessor's contract on tiny random models with the default model's real tokenizer."""
 
+import copy
 from dataclasses import replace
 
 import pytest
 import torch
 from tiny_models import tiny_llama
 
-from probe_lightning.sequence_processor import BatchedSequences, GenerationConfig, SequenceProcessor
+from probe_lightning.sampling import GenerationConfig, SeededGumbel
+from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor
 
 PROMPTS = ["Hi", "What is 2 + 2? Think step by step and explain.", "Count to five"]
 
@@ -181,3 +183,89 @@ def test_with_grad_keeps_the_graph_even_inside_no_grad(tokenizer):
     with torch.no_grad():
         scores = processor.teacher_force_logprobs(batch, with_grad=True)
     assert scores.seq_logprobs.requires_grad
+
+
+def test_seeded_sampling_draws_each_response_from_its_own_seed_whatever_the_batch(tokenizer):
+    processor = make_processor(tokenizer, max_new_tokens=8, temperature=0.9, top_p=0.8, gen_batch_size=3)
+    seeds = list(range(100, 100 + len(PROMPTS) * 2))
+    together = processor.generate_batched(PROMPTS, G=2, seeds=seeds)
+    for b, prompt in enumerate(PROMPTS):
+        alone = processor.generate_batched([prompt], G=2, seeds=seeds[2 * b : 2 * b + 2])
+        for g in range(2):
+            n = together.gen_lens[b][g]
+            assert alone.gen_lens[0][g] == n
+            P, P_alone = together.prompt_len, alone.prompt_len
+            assert torch.equal(together.sequences[b, g, P : P + n], alone.sequences[0, g, P_alone : P_alone + n])
+    assert processor.generate_batched(PROMPTS, G=2, seeds=seeds).responses_text == together.responses_text
+    tf = processor.teacher_force_logprobs(together)
+    assert torch.isfinite(tf.token_logprobs).all()  # inside q's top-p set
+
+
+def test_seeded_sampling_follows_q():
+    """The Gumbel-max draw is a draw from q: 4,000 first tokens against q's probabilities (chi-square)."""
+    scores = torch.tensor([[1.0, 0.2, -0.5, 2.0, float("-inf")]])
+    q = scores.softmax(-1)[0]
+    noise = SeededGumbel(list(range(4000)), torch.device("cpu"))
+    draws = (scores.expand(4000, -1) + 0).clone()
+    picks = noise(None, draws).argmax(-1)
+    counts = torch.bincount(picks, minlength=5).double()
+    assert counts[4] == 0
+    expected = 4000 * q[:4].double()
+    chi_square = ((counts[:4] - expected) ** 2 / expected).sum().item()
+    assert chi_square < 16.3  # 3 degrees of freedom, p = 0.001
+
+
+def _weighted_scores_gradient(model, tokenizer, config, batch) -> torch.Tensor:
+    """∇ of Σ w·log q + Σ H_t, through teacher forcing (w fixed), flattened in float64."""
+    tf = SequenceProcessor(model, tokenizer, config).teacher_force_logprobs(batch, with_grad=True)
+    weights = torch.linspace(-1, 1, tf.token_logprobs.numel()).view_as(tf.token_logprobs)
+    loss = (weights.to(tf.token_logprobs.dtype) * tf.token_logprobs).sum() + tf.token_entropies.sum()
+    return torch.cat([g.flatten().double() for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+
+def test_teacher_forcing_gradients_are_within_1e_5_of_a_float64_copy(tokenizer):
+    processor = make_processor(tokenizer, max_new_tokens=12, temperature=0.9, top_p=0.95)
+    batch = processor.generate_batched(PROMPTS, G=2, seeds=list(range(6)))
+    single = _weighted_scores_gradient(processor.model, tokenizer, processor.config, batch)
+    double = _weighted_scores_gradient(copy.deepcopy(processor.model).double(), tokenizer, processor.config, batch)
+    assert ((single - double).norm() / double.norm()).item() < 1e-5
+
+
+def test_teacher_forcing_keeps_no_vocabulary_sized_tensor_for_its_backward(tokenizer):
+    processor = make_processor(tokenizer, max_new_tokens=12)
+    batch = processor.generate_batched(PROMPTS, G=2, seeds=list(range(6)))
+    weights = {p.data_ptr() for p in processor.model.parameters()}  # saving a parameter allocates nothing
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in weights:
+            saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        processor.teacher_force_logprobs(batch, with_grad=True)
+    logits = batch.num_sequences * batch.response_mask.shape[-1] * len(tokenizer)  # one microbatch's [N, R, V]
+    assert max(saved) <= 0.25 * logits, f"a saved tensor of {max(saved)} elements, logits {logits}"
+
+
+class _LogitsPath(SequenceProcessor):
+    """Teacher forcing from the model's logits, as for an output layer that is not a plain linear map."""
+
+    def _linear_head(self):
+        return None
+
+
+def test_the_hidden_state_path_gives_the_logits_path_numbers_with_temperature_and_top_p(tokenizer):
+    processor = make_processor(tokenizer, max_new_tokens=10, temperature=0.7, top_p=0.8)
+    batch = processor.generate_batched(PROMPTS, G=2, seeds=list(range(6)))
+    hidden = processor.teacher_force_logprobs(batch)
+    logits = _LogitsPath(processor.model, tokenizer, processor.config).teacher_force_logprobs(batch)
+    torch.testing.assert_close(hidden.token_logprobs, logits.token_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hidden.token_entropies, logits.token_entropies, atol=1e-5, rtol=0)
+    single = _weighted_scores_gradient(processor.model, tokenizer, processor.config, batch)
+    model, config = processor.model, processor.config
+    tf = _LogitsPath(model, tokenizer, config).teacher_force_logprobs(batch, with_grad=True)
+    weights = torch.linspace(-1, 1, tf.token_logprobs.numel()).view_as(tf.token_logprobs)
+    loss = (weights * tf.token_logprobs).sum() + tf.token_entropies.sum()
+    reference = torch.cat([g.flatten().double() for g in torch.autograd.grad(loss, list(model.parameters()))])
+    assert ((single - reference).norm() / reference.norm()).item() < 1e-5

@@ -28,12 +28,11 @@ def eos_world(tmp_path_factory) -> str:
 
 def run_probe(world, **trainer):
     """One probe with E = PROMPTS and U = PROMPTS * 2 in rollout batches of 3 prompts, one prompt per forward."""
-    torch.manual_seed(11)
     probe = make_probe(
         world, tf_batch_size=G, G=G, G_E=2, update="identity", standard_error=False, entropy_target="budget",
         trainer=TrainerConfig(**trainer),
     )  # fmt: skip
-    outputs = [probe.step(batch) for batch in prompt_batches(0, PROMPTS, PROMPTS * 2, rollout_batch_size=3)]
+    outputs = [probe.step(batch) for batch in prompt_batches(0, PROMPTS, PROMPTS * 2, rollout_batch_size=3, seed=11)]
     return probe, [out.rollout for out in outputs if out.rollout.role == "U"], outputs[-1].finished
 
 

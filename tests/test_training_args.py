@@ -10,9 +10,9 @@ import torch
 import trl
 from tiny_models import tiny_llama
 
+from probe_lightning.build import build_probe
 from probe_lightning.checkpoints import load_checkpoint
 from probe_lightning.config import ProbeConfigError, TrainerConfig
-from probe_lightning.probe import build_probe
 from probe_lightning.sequence_processor import SequenceProcessor
 from probe_lightning.settings import ProbeSettings
 from probe_lightning.trainer_loss import TrainerSettings

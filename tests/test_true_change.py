@@ -23,9 +23,8 @@ def eos_world(tmp_path_factory) -> str:
 @functools.cache
 def swept(world: str):
     """One probe with an η sweep; its finished result and the probe (for Δθ(η))."""
-    torch.manual_seed(5)
     probe = make_probe(world, G=4, G_E=4, entropy_target="token_mean", estimator="rb", eta_sweep=ETAS)
-    for batch in prompt_batches(0, PROMPTS * 4, PROMPTS * 4, 4096, EVALUATION_PROMPTS):
+    for batch in prompt_batches(0, PROMPTS * 4, PROMPTS * 4, 4096, EVALUATION_PROMPTS, seed=5):
         out = probe.step(batch)
     return out.finished, probe
 

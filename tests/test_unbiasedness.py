@@ -36,9 +36,8 @@ def exact_world(world: str, G: int):
 
 @functools.cache
 def probes(world: str, entropy_target: str, G_E: int):
-    torch.manual_seed(1234)
     probe = make_probe(world, G_E=G_E, entropy_target=entropy_target)
-    return run_probes(probe, NUM_PROBES[G_E], ENTROPY_PROMPTS[G_E], UPDATE_PROMPTS)
+    return run_probes(probe, NUM_PROBES[G_E], ENTROPY_PROMPTS[G_E], UPDATE_PROMPTS, seed=1234)
 
 
 def project(vectors: list[list[torch.Tensor]], directions: list[torch.Tensor]) -> torch.Tensor:
@@ -48,9 +47,10 @@ def project(vectors: list[list[torch.Tensor]], directions: list[torch.Tensor]) -
 
 
 # With fixed-length responses dr_grpo and budget are the same estimator (L_max = max_new_tokens = T),
-# so dr_grpo, the default, runs once.
+# so dr_grpo, the seed's target, runs once.
 @pytest.mark.parametrize(
-    ("entropy_target", "G_E"), [("budget", 1), ("budget", 4), ("per_token_avg", 1), ("per_token_avg", 4), ("dr_grpo", 4)]
+    ("entropy_target", "G_E"),
+    [("budget", 1), ("budget", 4), ("per_token_avg", 1), ("per_token_avg", 4), ("dr_grpo", 4)],
 )
 def test_delta_h1_is_unbiased(world, entropy_target, G_E):
     exact, _, _ = exact_world(world, G=4)
@@ -104,8 +104,7 @@ def test_update_prompt_contributions_sum_to_delta_h1(world):
 
 
 def _rollouts(probe: Probe, seed: int = 7):
-    torch.manual_seed(seed)
-    batches = prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=8)
+    batches = prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=8, seed=seed)
     return [probe.make_rollout(batch) for batch in batches]
 
 
@@ -217,8 +216,8 @@ def test_a_probe_without_mixed_outcomes_says_its_number_is_empty(world):
 
 def test_mixed_update_fraction_counts_prompts_whose_rewards_differ(world):
     probe = make_probe(world)
-    torch.manual_seed(3)
-    outputs = [probe.step(batch) for batch in prompt_batches(0, PROMPTS, PROMPTS * 3, rollout_batch_size=256)]
+    batches = prompt_batches(0, PROMPTS, PROMPTS * 3, rollout_batch_size=256, seed=3)
+    outputs = [probe.step(batch) for batch in batches]
     rewards = outputs[-1].rollout.rewards
     expected = (rewards.amax(1) > rewards.amin(1)).float().mean().item()
     assert 0 < outputs[-1].finished.mixed_update_fraction == pytest.approx(expected)
