@@ -9,10 +9,10 @@ LightningCLI, as `train.py predict` builds them, then run by `Trainer.predict`. 
 bench sets only: B_E = B_U (its own sizes), standard_error off (the SE pass is extra work by design; it
 is timed on its own), the Trainer's logger, progress bar and checkpointing off, data.seed with --seed,
 and with --quick a smaller max_new_tokens. The bare minimum, in the same process and interleaved with the probe (probe,
-bare, bare, probe, ...), is plain `model.generate` on the same prompts with the same seeds (so the same
+bare, bare, probe, ...), is one `model.generate` per batch with the probe's seeded sampler (so the same
 sequences, which is checked), then per teacher-forcing microbatch of the probe (the same prompt slices)
 one forward (`logits_to_keep`: response positions only, as the probe), log_softmax, gather, a
-weighted sum of the sequence log-probs S (the seed's L_X or L_Y of MATH.md: dr_grpo, A / L_max; the
+weighted sum of the sequence log-probs S (the seed's L_X or L_Y of docs/math.md: dr_grpo, A / L_max; the
 weights do not change the cost, so it is a floor for every entropy_target and estimator), and one
 backward into preallocated float32 gradient sums.
 
@@ -49,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile
 from probe_lightning.data import ProbeDataModule, PromptBatch, format_prompt
 from probe_lightning.module import EntropyProbe
 from probe_lightning.results import RunResults
-from probe_lightning.rollout import Rollout
+from probe_lightning.rollout import Rollout, sample_seed
 from probe_lightning.sequence_processor import SequenceProcessor
 from train import ProbeCLI
 
@@ -142,15 +142,14 @@ class MeteredResults(RunResults):
 
 
 class BenchHooks(pl.Callback):
-    """Seeds each rollout batch as the bare generate does, meters the probe's phases, keeps its rollouts."""
+    """Meters the probe's phases and keeps its rollouts."""
 
-    def __init__(self, seed: int, meter: Meter):
-        self.seed, self.meter = seed, meter
+    def __init__(self, meter: Meter):
+        self.meter = meter
         self.results: MeteredResults | None = None
         self.rollouts: list[Rollout] = []
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        torch.manual_seed(self.seed + batch_idx)
         probe = pl_module.probe  # built by EntropyProbe.on_predict_start, which runs after callbacks' hooks
         if self.results is None:
             self.results = MeteredResults(probe.results.info, probe.results.probes, meter=self.meter)
@@ -163,24 +162,23 @@ class BenchHooks(pl.Callback):
 # ---- the bare minimum ----
 
 
-def bare_generate(processor: SequenceProcessor, batches: list[PromptBatch], G: int, G_E: int, seed: int):
-    """Plain model.generate per rollout batch, seeded as the probe's batches: ([B*G, T] per batch, seconds)."""
+def bare_generate(processor: SequenceProcessor, batches: list[PromptBatch], G: int, G_E: int):
+    """One model.generate per rollout batch with the probe's seeded sampler (each response from its own
+    generator, bench/sampling.py measures what that costs): ([B*G, T] per batch, seconds)."""
     model, tokenizer = processor.model, processor.tokenizer
-    hf_config = processor.config.to_hf()
     inputs = []
     for batch in batches:  # tokenising is not model work: done before the clock starts
         prompts = [format_prompt(tokenizer, q) for q in batch.questions]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         n = G_E if batch.role == "E" else G
-        inputs.append((encoded.input_ids.repeat_interleave(n, 0), encoded.attention_mask.repeat_interleave(n, 0)))
+        seeds = [sample_seed(batch, prompt_id, g) for prompt_id in batch.prompt_ids for g in range(n)]
+        ids, mask = encoded.input_ids.repeat_interleave(n, 0), encoded.attention_mask.repeat_interleave(n, 0)
+        inputs.append((ids, mask, seeds))
     outputs = []
     start = time.perf_counter()
     with torch.no_grad():
-        for index, (ids, mask) in enumerate(inputs):
-            torch.manual_seed(seed + index)
-            outputs.append(
-                model.generate(input_ids=ids, attention_mask=mask, generation_config=hf_config, tokenizer=tokenizer)
-            )
+        for ids, mask, seeds in inputs:
+            outputs.append(processor.sample(ids, mask, seeds=seeds))
     return outputs, time.perf_counter() - start
 
 
@@ -239,7 +237,7 @@ class Bench:
         self.loaded = model.policy, model.processor, model.loaded_checkpoint
         self.processor: SequenceProcessor = model.processor
         self.settings = model.settings
-        self.seed = data.hparams.seed  # the prompt draw's seed; also seeds each rollout batch's sampling
+        self.seed = data.hparams.seed  # the prompt draw's seed; with probe, role and prompt id it seeds sampling
 
     def instantiate(self, B: int, standard_error: bool = False, root: str | None = None, callbacks=()):
         """(EntropyProbe, ProbeDataModule, Trainer) from the config, as LightningCLI builds them for train.py."""
@@ -257,7 +255,7 @@ class Bench:
 
     def run_probe(self, B: int, standard_error: bool = False, meter: Meter = peak_rss) -> dict:
         """One probe through Trainer.predict: seconds per phase, the wall total, peaks, and its rollouts."""
-        hooks = BenchHooks(self.seed, meter)
+        hooks = BenchHooks(meter)
         with tempfile.TemporaryDirectory() as root:
             model, data, trainer = self.instantiate(B, standard_error, root, [hooks])
             model.policy, model.processor, model.loaded_checkpoint = self.loaded  # configure_model() keeps them
@@ -284,9 +282,7 @@ class Bench:
         model, batches = self.processor.model, [r.prompts for r in rollouts]
         peaks: dict[str, float] = {}
         with meter(peaks, "generate"):
-            generated, generate_seconds = bare_generate(
-                self.processor, batches, self.settings.G, self.settings.G_E, self.seed
-            )
+            generated, generate_seconds = bare_generate(self.processor, batches, self.settings.G, self.settings.G_E)
         # ΣX and ΣY, both kept (δH₁ needs the two), allocated before the passes as the probe does
         grad_sums = {role: [torch.zeros_like(p, dtype=torch.float32) for p in model.parameters() if p.requires_grad]
                      for role in ("E", "U")}  # fmt: skip
@@ -318,7 +314,8 @@ def main(
         B: B_E = B_U of the probe/bare comparison.
         repeats: interleaved probe/bare pairs.
         sizes: B_E = B_U values of the linearity fit (default [2, 4, 6, 8]).
-        seed: the config's data.seed (the prompt draw; rollout batch k samples under seed + k). None: the config's.
+        seed: the config's data.seed (the prompt draw, and with probe, role and prompt id each response's
+            sampling). None: the config's.
         threads: torch intra-op threads (None: torch's default).
         max_load: wait while the 1-minute load average is above this...
         max_wait_s: ...for at most this many seconds.

@@ -69,8 +69,14 @@ class DeltaH1Logger(pl.Callback):
         folder = self.path.parent
         folder.mkdir(parents=True, exist_ok=True)
         k = contributions.probe_index
-        datasets.Dataset.from_list(contributions.responses).to_parquet(str(folder / f"responses_probe{k}.parquet"))
-        datasets.Dataset.from_list(contributions.tokens).to_parquet(str(folder / f"tokens_probe{k}.parquet"))
+        bars_were_on = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()  # a bar per table would interleave with the run's own output
+        try:
+            for name, rows in (("responses", contributions.responses), ("tokens", contributions.tokens)):
+                datasets.Dataset.from_list(rows).to_parquet(str(folder / f"{name}_probe{k}.parquet"))
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
         if counterfactuals:
             figure = counterfactual_figure(counterfactuals, f"probe {k}: δH₁ of a step on selected tokens only")
             figure.savefig(folder / f"counterfactuals_probe{k}.png")

@@ -15,6 +15,7 @@ from probe_lightning.config import (
     SamplingConfig,
     TrainerConfig,
     Update,
+    require,
 )
 from probe_lightning.data import PromptBatch
 from probe_lightning.distributed import Collectives, check_strategy
@@ -101,6 +102,11 @@ class EntropyProbe(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         check_strategy(self.trainer.strategy)
+        require(
+            self.settings.sampling.use_sequence_processor or self.trainer.world_size == 1,
+            "model.sampling.use_sequence_processor false (the seed's legacy path) samples with torch's global "
+            "generator, one process only: use the SequenceProcessor path (configs/sp.yaml) with several",
+        )
 
     def on_predict_start(self) -> None:
         if torch.is_inference_mode_enabled():

@@ -4,6 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 
 def eta_sweep_figure(rows: list[dict], title: str) -> plt.Figure:
@@ -51,6 +52,8 @@ def counterfactual_figure(counterfactuals: dict, title: str) -> plt.Figure:
     axes.axvline(0.0, color="black", linewidth=0.8)
     axes.margins(x=0.2)  # room for the value labels at the bars' ends
     axes.locator_params(axis="x", nbins=4)  # long tick labels like −0.0125 must not overlap
+    # Each tick its own number (3.0e-06), not a shared ×1e−5 that lands on the axis label.
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1e"))
     axes.set_xlabel("δH₁ of a step trained only on these tokens (nats)")
     axes.set_title(title)
     axes.grid(True, axis="x", alpha=0.3)

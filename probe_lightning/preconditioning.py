@@ -1,4 +1,4 @@
-"""A checkpoint's Adam state and the two update geometries the probe can use (MATH.md).
+"""A checkpoint's Adam state and the two update geometries the probe can use (docs/math.md).
 
 - `adam_precondition`: the seed's geometry, Ȳ = P ⊙ ∇J with P = 1 / (sqrt(v̂) + ε),
   v̂ = exp_avg_sq / (1 − β₂^step); δH₁ = η ⟨X̄, Ȳ⟩.

@@ -111,17 +111,18 @@ class RolloutMaker:
         G = self.num_samples(prompts.role)
         texts = [format_prompt(self.processor.tokenizer, q) for q in prompts.questions]
         self._check_prompt_lengths(texts, prompts.prompt_ids)
-        seeds = [sample_seed(prompts, prompt_id, g) for prompt_id in prompts.prompt_ids for g in range(G)]
         if self.use_sequence_processor:
+            seeds = [sample_seed(prompts, prompt_id, g) for prompt_id in prompts.prompt_ids for g in range(G)]
             return self.processor.generate_batched(texts, G, seeds=seeds)
-        return self._legacy_generate(texts, G, seeds)
+        return self._legacy_generate(texts, G)
 
     @torch.no_grad()
-    def _legacy_generate(self, prompts: list[str], G: int, seeds: list[int]) -> BatchedSequences:
+    def _legacy_generate(self, prompts: list[str], G: int) -> BatchedSequences:
         """The seed's path: prompt_lens is the padded prompt length."""
         processor, tokenizer = self.processor, self.processor.tokenizer
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(processor.device)
-        out = processor.sample(encoded.input_ids, encoded.attention_mask, num_return_sequences=G, seeds=seeds)
+        # The seed's own call, sampling with torch's global generator: one process only (module.py)
+        out = processor.sample(encoded.input_ids, encoded.attention_mask, num_return_sequences=G)
         prompt_len = encoded.input_ids.shape[1]
         prompt_mask = encoded.attention_mask.repeat_interleave(G, dim=0)
         return processor.assemble(out[:, :prompt_len], prompt_mask, out[:, prompt_len:], G)

@@ -102,6 +102,12 @@ def test_a_sharded_strategy_is_refused_naming_it_and_the_supported_ones():
         check_strategy(FSDPStrategy())
 
 
+def test_the_legacy_path_is_refused_on_several_processes(world, prompts_file, tmp_path):
+    done = predict(world, prompts_file, tmp_path, 2, "--model.sampling.use_sequence_processor", "false")
+    assert done.returncode != 0
+    assert "legacy path) samples with torch's global generator, one process only" in done.stderr
+
+
 def test_fewer_prompts_than_processes_is_refused_in_one_line(world, prompts_file, tmp_path):
     done = predict(world, prompts_file, tmp_path, 2, "--data.B_U", "1")
     assert done.returncode != 0 and "error: data.B_U = 1 < 2 processes" in done.stderr
