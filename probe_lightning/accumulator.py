@@ -30,6 +30,7 @@ class ProbeSums:
 
     def __init__(self, named_params: NamedParams, entropy_columns: int = 1):
         self.params = [p for _, p in named_params]
+
         def zeros():  # float32, or the parameters' own dtype where it is wider
             return [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.params]
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from probe_lightning.rollout import Rollout
+from probe_lightning.true_change import token_covariances
 
 # Cui et al. 2025 (their verl defaults): Clip-Cov detaches clip_cov_ratio of the tokens, drawn from those
 # whose centred covariance lies in [lb, ub]; KL-Cov puts a KL penalty on the top kl_cov_ratio by covariance.
@@ -91,7 +92,7 @@ class ProbeContributions:
         keep = {"all": torch.ones_like(d, dtype=torch.bool)}
         for rho in TOP_ENTROPY_QUANTILES:  # TRL's top_entropy_quantile: H_t >= the (1 − ρ) quantile
             keep[f"top_entropy_{rho}"] = entropy >= torch.quantile(entropy, 1 - rho)
-        covariance = (log_q - log_q.mean()) * (advantage - advantage.mean())
+        covariance = token_covariances(log_q, advantage)
         band = ((covariance >= CLIP_COV_BOUNDS[0]) & (covariance <= CLIP_COV_BOUNDS[1])).nonzero().flatten()
         clip_count = min(max(int(CLIP_COV_RATIO * len(d)), 1), len(band))
         chosen = band[torch.randperm(len(band), generator=torch.Generator().manual_seed(seed))[:clip_count]]

@@ -142,7 +142,7 @@ class Probe:
 
     def update_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
         """[B]: ∇ of prompt p's entry is its piece of ∇J̄, up to update_scale."""
-        if self.trainer.loss_type == "seed":  # the seed's own arithmetic, so legacy runs reproduce bit for bit
+        if self.trainer.loss_type == "seed":  # the seed's own loss function, summed as the seed summed it
             return estimators.update_loss(tf.seq_logprobs, rollout.advantages, rollout.max_lengths)
         return (self.update_coefficients(rollout) * tf.token_logprobs).sum((1, 2))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from probe_lightning.estimators import dot
 from probe_lightning.rollout import Rollout
 from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
 
@@ -83,12 +84,15 @@ def _ess(w: torch.Tensor) -> float:
     return (w.sum() ** 2 / (w**2).sum()).item()
 
 
-def covariance_proxy(token_logprobs: torch.Tensor, advantages: torch.Tensor) -> float:
-    """Cov over the U batch's tokens of (log π(y_t), A(y_t)) (Cui et al. 2025); ΔH ≈ −η · this.
+def token_covariances(token_logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Each token's centred product (log π(y_t) − mean)(A(y_t) − mean), over flat float64 tensors of every
+    response token (A broadcast from its response): Cui et al.'s per-token covariance."""
+    return (token_logprobs - token_logprobs.mean()) * (advantages - advantages.mean())
 
-    token_logprobs, advantages: flat float64 tensors over every response token (A broadcast from its response).
-    """
-    return ((token_logprobs - token_logprobs.mean()) * (advantages - advantages.mean())).mean().item()
+
+def covariance_proxy(token_logprobs: torch.Tensor, advantages: torch.Tensor) -> float:
+    """Cov over the U batch's tokens of (log π(y_t), A(y_t)) (Cui et al. 2025); ΔH ≈ −η · this."""
+    return token_covariances(token_logprobs, advantages).mean().item()
 
 
 def log_log_slope(etas: list[float], changes: list[float]) -> float:
@@ -123,7 +127,7 @@ def eta_sweep(
     for eta in etas:
         step = geometry.step(grad_j, params, eta)
         parameters = {name: p.detach() + s.to(p.dtype) for (name, p), s in zip(named_params, step)}
-        delta_h1 = sum(torch.dot(x.double().flatten(), s.double().flatten()).item() for x, s in zip(x_bar, step))
+        delta_h1 = dot(x_bar, step)
         v = true_change(v_rollouts, v_scores, score(processor, v_rollouts, parameters), target, budget, gather)
         e = true_change(e_rollouts, e_scores, score(processor, e_rollouts, parameters), target, budget, gather)
         ratio = v.delta / delta_h1 if delta_h1 else float("nan")
