@@ -105,6 +105,7 @@ class SequenceProcessor:
             config = replace(config, eos_token_id=tokenizer.eos_token_id)
         require(config.max_new_tokens is not None, "generation.max_new_tokens is not set")
         self.config = config
+        self.head = self._linear_head()  # (name, weight) of a plain linear output layer, else None
 
     @property
     def device(self) -> torch.device:
@@ -271,7 +272,7 @@ class SequenceProcessor:
             use_cache=False,
         )
         targets, warper = ids[:, prompt_len:], self.config.logits_warper()
-        head = self._linear_head()
+        head = self.head
         if head is None:  # an output layer that is not a plain linear map: from its logits
             return token_scores(self._forward(inputs, parameters).logits, targets, warper, with_grad)
         # From the final hidden states: the model computes no logits at all (an empty logits_to_keep).
