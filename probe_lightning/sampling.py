@@ -70,18 +70,34 @@ class GenerationConfig:
         )
 
 
-class SeededGumbel:
-    """A logits processor adding Gumbel noise −log E, E ~ Exp(1), drawn from one generator per row.
+class SeededSampler:
+    """Draws from q by inverse CDF, one uniform number per row and step from the row's own generator.
 
-    argmax(scores + noise) is an exact sample from softmax(scores) (the Gumbel-max trick), and each row's
-    noise depends only on its own generator, which advances once per step whatever the other rows do.
+    A row's draws depend only on its seed and on q, not on the other rows of the batch, nor on which of
+    them are still generating. The CDF is summed in float64 and a draw never lands on a token of q = 0.
     """
 
     def __init__(self, seeds: list[int], device: torch.device):
         self.generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
 
+    def draw(self, q: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """[n] tokens, one from each row of the [n, V] probabilities q, for the sampler rows `rows`."""
+        u = torch.cat([torch.rand(1, generator=self.generators[r], dtype=torch.float64, device=q.device)
+                       for r in rows.tolist()])  # fmt: skip
+        cdf = q.double().cumsum(-1)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+        last_possible = (q > 0).cumsum(-1).argmax(-1)  # where a u rounding up to the total mass must stop
+        return torch.minimum(picks, last_possible)
+
+
+class SeededDraws:
+    """SeededSampler as a logits processor of model.generate: every score but the drawn token's is set to
+    −inf, so generate's greedy choice is the draw (what the bench's bare minimum samples with)."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.sampler = SeededSampler(seeds, device)
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        exponential = torch.empty_like(scores)
-        for row, generator in zip(exponential, self.generators, strict=True):
-            row.exponential_(generator=generator)
-        return scores - exponential.log()
+        rows = torch.arange(scores.shape[0], device=scores.device)
+        tokens = self.sampler.draw(scores.float().softmax(-1), rows)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)

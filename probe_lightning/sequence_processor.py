@@ -8,10 +8,12 @@ from dataclasses import dataclass, replace
 
 import torch
 import transformers
+from torch.nn.functional import pad
 from transformers import LogitsProcessorList
 
 from probe_lightning.config import require
-from probe_lightning.sampling import GenerationConfig, SeededGumbel
+from probe_lightning.decoding import ResponseEnds, decode
+from probe_lightning.sampling import GenerationConfig, SeededDraws, SeededSampler
 from probe_lightning.token_scores import head_token_scores, token_scores
 
 
@@ -25,6 +27,9 @@ class BatchedSequences:
     gen_lens:        [B][G] response tokens, a generated EOS / stop string included, padding excluded.
     responses_text:  [B][G] decoded response tokens.
     pad_token_id:    the token filling prompts on the left and responses after they end.
+    token_logprobs:  [B, G, T - P] log q of each response token as generation drew it, 0 after the end;
+                     None where generation did not record it (model.generate, rollouts saved without it).
+    token_entropies: [B, G, T - P] the entropy of q at each response step, as generation computed it.
     """
 
     sequences: torch.Tensor
@@ -33,6 +38,8 @@ class BatchedSequences:
     gen_lens: list[list[int]]
     responses_text: list[list[str]]
     pad_token_id: int
+    token_logprobs: torch.Tensor | None = None
+    token_entropies: torch.Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -64,6 +71,8 @@ class BatchedSequences:
             prompt_lens=self.prompt_lens[prompts],
             gen_lens=self.gen_lens[prompts],
             responses_text=self.responses_text[prompts],
+            token_logprobs=None if self.token_logprobs is None else self.token_logprobs[prompts],
+            token_entropies=None if self.token_entropies is None else self.token_entropies[prompts],
         )
 
     def left_padded(self, extra: int) -> "BatchedSequences":
@@ -117,27 +126,50 @@ class SequenceProcessor:
     def generate_batched(
         self, prompts: list[str], G: int, gen_batch_size: int | None = None, seeds: list[int] | None = None
     ) -> BatchedSequences:
-        """Sample G responses for each prompt, gen_batch_size sequences per model.generate call.
+        """Sample G responses for each prompt, about gen_batch_size sequences per call.
 
-        seeds: one per response (prompt-major): each response is drawn from its own generator (SeededGumbel),
-        so it depends on its seed only, not on the batch or the process it is sampled in. None: torch's
-        global generator.
+        seeds: one per response (prompt-major): the probe's own sampling loop (decoding.py), each response
+        drawn from its own generator, so it depends on its seed only, not on the batch or the process it is
+        sampled in; whole prompts per call. None: model.generate with torch's global generator.
         """
         require(G >= 1, f"G must be >= 1, got {G}")
         gen_batch_size = gen_batch_size or self.config.gen_batch_size
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        prompt_ids = encoded.input_ids.to(self.device).repeat_interleave(G, dim=0)
-        prompt_mask = encoded.attention_mask.to(self.device).repeat_interleave(G, dim=0)
-        prompt_len = prompt_ids.shape[1]
+        ids, mask = encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
+        if seeds is None:
+            return self._generate(ids, mask, G, gen_batch_size)
+        require(len(seeds) == len(prompts) * G, f"{len(seeds)} seeds for {len(prompts)} prompts x G={G} responses")
+        per_call = max(1, gen_batch_size // G)  # prompts per call
+        calls = []
+        for start in range(0, len(prompts), per_call):
+            rows = slice(start * G, (start + per_call) * G)
+            sampler = SeededSampler(seeds[rows], self.device)
+            ends = ResponseEnds(self.tokenizer, self.config.eos_token_ids, self.config.stop_strings, len(seeds[rows]))
+            calls.append(decode(
+                self.model, ids[start : start + per_call], mask[start : start + per_call], G, sampler,
+                self.config.logits_warper(), ends, self.config.max_new_tokens, self.config.pad_token_id,
+            ))  # fmt: skip
+        width = max(call.responses.shape[1] for call in calls)
+
+        def joined(name: str, value) -> torch.Tensor:
+            parts = [getattr(call, name) for call in calls]
+            return torch.cat([pad(part, (0, width - part.shape[1]), value=value) for part in parts])
+
+        batch = self.assemble(ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0),
+                              joined("responses", self.config.pad_token_id), G)  # fmt: skip
+        B, R = len(prompts), width
+        return replace(batch, token_logprobs=joined("token_logprobs", 0.0).view(B, G, R),
+                       token_entropies=joined("token_entropies", 0.0).view(B, G, R))  # fmt: skip
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, G: int, gen_batch_size: int) -> BatchedSequences:
+        """model.generate, gen_batch_size sequences per call, sampling with torch's global generator."""
+        prompt_ids, prompt_mask = ids.repeat_interleave(G, dim=0), mask.repeat_interleave(G, dim=0)
         chunks = []
         for start in range(0, prompt_ids.shape[0], gen_batch_size):
             rows = slice(start, start + gen_batch_size)
-            out = self.sample(prompt_ids[rows], prompt_mask[rows], seeds=None if seeds is None else seeds[rows])
-            chunks.append(out[:, prompt_len:])
+            chunks.append(self.sample(prompt_ids[rows], prompt_mask[rows])[:, ids.shape[1] :])
         width = max(chunk.shape[1] for chunk in chunks)
-        responses = torch.cat(
-            [torch.nn.functional.pad(c, (0, width - c.shape[1]), value=self.config.pad_token_id) for c in chunks]
-        )
+        responses = torch.cat([pad(c, (0, width - c.shape[1]), value=self.config.pad_token_id) for c in chunks])
         return self.assemble(prompt_ids, prompt_mask, responses, G)
 
     def assemble(
@@ -170,8 +202,8 @@ class SequenceProcessor:
     ):
         """One model.generate call sampling from q: [N, P] prompts -> [N * num_return_sequences, P + R].
 
-        seeds (one per output row): sample each row as argmax(scores of q + Gumbel noise from its own
-        generator) — exactly a draw from q — instead of generate's batch-wide multinomial.
+        seeds (one per output row): each row drawn by SeededSampler from its own generator, as the probe's
+        own loop draws it, instead of generate's batch-wide multinomial (the bench's bare minimum).
         """
         hf_config = self.config.to_hf()
         hf_config.num_return_sequences = num_return_sequences
@@ -180,7 +212,7 @@ class SequenceProcessor:
             input_ids = input_ids.repeat_interleave(num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
             hf_config.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_return_sequences=1)
-            processors = LogitsProcessorList([*self.config.logits_warper(), SeededGumbel(seeds, self.device)])
+            processors = LogitsProcessorList([*self.config.logits_warper(), SeededDraws(seeds, self.device)])
         # Swap in a blank model generation config so a checkpoint's own sampling defaults
         # (top_k, min_p, repetition penalty, ...) cannot leak into q.
         saved, self.model.generation_config = self.model.generation_config, transformers.GenerationConfig()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
-from probe_lightning.sampling import GenerationConfig, SeededGumbel
+from probe_lightning.sampling import GenerationConfig
 from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor
 
 PROMPTS = ["Hi", "What is 2 + 2? Think step by step and explain.", "Count to five"]
@@ -199,20 +199,6 @@ def test_seeded_sampling_draws_each_response_from_its_own_seed_whatever_the_batc
     assert processor.generate_batched(PROMPTS, G=2, seeds=seeds).responses_text == together.responses_text
     tf = processor.teacher_force_logprobs(together)
     assert torch.isfinite(tf.token_logprobs).all()  # inside q's top-p set
-
-
-def test_seeded_sampling_follows_q():
-    """The Gumbel-max draw is a draw from q: 4,000 first tokens against q's probabilities (chi-square)."""
-    scores = torch.tensor([[1.0, 0.2, -0.5, 2.0, float("-inf")]])
-    q = scores.softmax(-1)[0]
-    noise = SeededGumbel(list(range(4000)), torch.device("cpu"))
-    draws = (scores.expand(4000, -1) + 0).clone()
-    picks = noise(None, draws).argmax(-1)
-    counts = torch.bincount(picks, minlength=5).double()
-    assert counts[4] == 0
-    expected = 4000 * q[:4].double()
-    chi_square = ((counts[:4] - expected) ** 2 / expected).sum().item()
-    assert chi_square < 16.3  # 3 degrees of freedom, p = 0.001
 
 
 def _weighted_scores_gradient(model, tokenizer, config, batch) -> torch.Tensor:

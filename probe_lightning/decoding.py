@@ -1,0 +1,105 @@
+"""The probe's own sampling loop: G responses per prompt from q, each from its own seeded generator.
+
+It samples what `model.generate` with the same SeededSampler samples (tests/test_decoding.py), doing less
+work for it:
+- each prompt is read once (one prefill per prompt, its KV cache repeated for the G responses);
+- a response that has ended (EOS, or a stop string completed) leaves the batch, with its cache rows,
+  instead of being fed padding until the longest response of the call ends;
+- each step draws one uniform number per row (inverse CDF), not a vocabulary of Gumbel noise;
+- it keeps log q of every drawn token and the entropy of q at every step, which teacher forcing would
+  give to float precision (the token_mean plug-ins need them before the E batch's backward).
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessorList
+
+from probe_lightning.sampling import SeededSampler
+
+
+@dataclass
+class Decoded:
+    """[N, R] per sampled sequence (prompt-major, G per prompt), R = the longest response of the call."""
+
+    responses: torch.Tensor  # long: the drawn tokens, pad_token_id after each response's end
+    token_logprobs: torch.Tensor  # float32: log q of each drawn token, 0 after the end
+    token_entropies: torch.Tensor  # float32: the entropy of q at each step, 0 after the end
+
+
+class ResponseEnds:
+    """Whether each response has ended: its last token is an EOS, or it completes a stop string.
+
+    A stop string is found in the concatenated text of the response's tokens, each decoded alone, the way
+    SequenceProcessor.response_lengths finds it afterwards, so both end a response at the same token.
+    """
+
+    def __init__(self, tokenizer, eos_token_ids: list[int], stop_strings: list[str], num_rows: int):
+        self.tokenizer, self.stop_strings = tokenizer, stop_strings
+        self.eos = torch.tensor(eos_token_ids, dtype=torch.long)
+        self.texts = [""] * num_rows
+
+    def __call__(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """[n] bool for the [n] tokens just drawn by `rows`."""
+        ended = torch.isin(tokens, self.eos.to(tokens.device))
+        if self.stop_strings:
+            for i, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
+                self.texts[row] += self.tokenizer.decode([token])
+                if any(s in self.texts[row] for s in self.stop_strings):
+                    ended[i] = True
+        return ended
+
+
+@torch.no_grad()
+def decode(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    G: int,
+    sampler: SeededSampler,
+    warper: LogitsProcessorList,
+    ends: ResponseEnds,
+    max_new_tokens: int,
+    pad_token_id: int,
+) -> Decoded:
+    """G responses to each of the [B, P] left-padded prompts; sampler and ends have one row per response."""
+    B, P = prompt_ids.shape
+    N, device = B * G, prompt_ids.device
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)  # fmt: skip
+    cache = getattr(out, cache_name)
+    cache.batch_repeat_interleave(G)
+    logits = out.logits[:, -1].repeat_interleave(G, 0)
+    mask = prompt_mask.repeat_interleave(G, 0)
+    next_position = mask.sum(-1)
+    active = torch.arange(N, device=device)  # the rows still generating, in batch order
+    responses = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+    entropies = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
+    length = 0
+    for step in range(max_new_tokens):
+        scores = logits.float()
+        if warper:
+            scores = warper(None, scores)
+        log_q = scores.log_softmax(-1)
+        q = log_q.exp()
+        tokens = sampler.draw(q, active)
+        responses[active, step] = tokens
+        logprobs[active, step] = log_q.gather(-1, tokens[:, None]).squeeze(-1)
+        entropies[active, step] = -(q * log_q).nansum(-1)  # outside top-p: 0 · (−inf) counts as 0
+        length = step + 1
+        going = ~ends(active, tokens)
+        if step + 1 == max_new_tokens or not going.any():
+            break
+        if not going.all():  # ended responses leave the batch
+            kept = going.nonzero().squeeze(-1)
+            cache.batch_select_indices(kept)
+            active, tokens, mask, next_position = active[kept], tokens[kept], mask[kept], next_position[kept]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                       use_cache=True, **{cache_name: cache}).logits[:, -1]  # fmt: skip
+        next_position = next_position + 1
+    return Decoded(responses[:, :length], logprobs[:, :length], entropies[:, :length])
