@@ -24,17 +24,15 @@ class RoleCounts:
 class ProbeSums:
     """ΣX = Σ_{p∈E} X(p) and ΣY = Σ_{p∈U} ∇J(p) in float32, with the counts of one probe (docs/math.md).
 
-    ΣX has one parameter-shaped sum per column of the entropy loss (two for token_mean: its entropy and
-    length parts, combined by finish once the E batch's plug-ins are known).
     """
 
-    def __init__(self, named_params: NamedParams, entropy_columns: int = 1):
+    def __init__(self, named_params: NamedParams):
         self.params = [p for _, p in named_params]
 
         def zeros():  # float32, or the parameters' own dtype where it is wider
             return [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in self.params]
 
-        self.sum_x = [zeros() for _ in range(entropy_columns)]
+        self.sum_x = zeros()
         self.sum_y = zeros()
         self.counts = {"E": RoleCounts(), "U": RoleCounts()}
         self.update_rewards: list[torch.Tensor] = []  # the U batch's [B, G] rewards (batch-scaled advantages)
@@ -94,7 +92,7 @@ class ProbeSums:
         """With several processes, every partial sum becomes the total over all of them (SUM, never a mean)."""
         if not collectives.active:
             return
-        collectives.sum_([s for column in self.sum_x for s in column] + self.sum_y)
+        collectives.sum_(self.sum_x + self.sum_y)
         names = [f.name for f in fields(RoleCounts)]
         totals = torch.tensor([float(getattr(self.counts[r], n)) for r in "EU" for n in names], dtype=torch.float64)
         collectives.sum_([totals])

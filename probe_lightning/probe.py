@@ -78,8 +78,12 @@ class Probe:
         self.trainer = settings.trainer_settings
         self.results = results
         self.checks: list[RolloutCheck] = []
-        self.entropy_columns = 2 if settings.entropy_target == "token_mean" else 1
-        self.sums = ProbeSums(named_params, self.entropy_columns)
+        # token_mean's X(p) weighs its two loss columns by plug-ins of the whole E batch (Ĥ_tok, Ê|y|): its E
+        # rollouts are held, and teacher-forced with one backward each once the E batch has ended.
+        self.hold_entropy_batch = settings.entropy_target == "token_mean"
+        self.held: list[Rollout] = []
+        self.x_weights = [1.0]  # X(p) = ∇ Σ_k x_weights[k] (entropy column k)
+        self.sums = ProbeSums(named_params)
         # This probe's microbatches (E, then U) with their scores at θ: for the directional-derivative pass,
         # the contributions, the covariance proxy and the η sweep; and its V batch for the sweep.
         self.scored: list[tuple[Rollout, TeacherForcing]] = []
@@ -92,20 +96,29 @@ class Probe:
     def step(self, batch: PromptBatch) -> StepOutput | None:
         """One prompt batch; on the probe's last, the finished probe. With several processes an error is
         held until every process reaches the probe's end, where all of them raise it."""
-        output = None
-        if self.failure is None:
-            try:
-                output = self._work(batch)
-            except Exception as error:
-                if not self.collectives.active:
-                    raise
-                self.failure = error
+        output = self._unless_failed(lambda: self._work(batch))
         if not batch.last_in_probe:
             return output
         self.collectives.raise_any(self.failure)
+        if self.hold_entropy_batch:
+            self.x_weights = self._entropy_plug_ins()
+            self._unless_failed(self._held_entropy_pass)
+            self.collectives.raise_any(self.failure)
         finished = self.finish(batch.probe_index)
         contributions, self.contributions = self.contributions, None  # hand one probe's tables on, keep none
         return replace(output, finished=finished, contributions=contributions)
+
+    def _unless_failed(self, work):
+        """work(), unless this process has failed; with several processes its error is held, not raised."""
+        if self.failure is not None:
+            return None
+        try:
+            return work()
+        except Exception as error:
+            if not self.collectives.active:
+                raise
+            self.failure = error
+            return None
 
     def _work(self, batch: PromptBatch) -> StepOutput:
         with self.results.timed("generate"):
@@ -114,6 +127,8 @@ class Probe:
             check.check_rollout(rollout, self.make_rollout.num_samples(batch.role))
         if batch.role == "V":
             return self.evaluate(rollout)
+        if batch.role == "E" and self.hold_entropy_batch:
+            return self.hold(rollout)
         seq_logprobs, token_entropies = self.accumulate(rollout)
         return StepOutput(rollout, seq_logprobs, token_entropies, self.results)
 
@@ -149,8 +164,8 @@ class Probe:
     def directional_outputs(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
         """What the forward-mode pass differentiates: each E response's X term [B, G], each U token's log q."""
         if rollout.role == "E":
-            terms = self.entropy_terms(rollout, tf).unbind(-1)
-            return sum(weight * term for weight, term in zip(self.vectors.x_weights, terms))
+            terms = self.entropy_terms(rollout, tf)
+            return terms @ terms.new_tensor(self.vectors.x_weights)
         return tf.token_logprobs
 
     # ---- accumulation and the finished probe ----
@@ -164,8 +179,38 @@ class Probe:
         self.evaluation.append((rollout, tf))
         return StepOutput(rollout, tf.seq_logprobs, tf.token_entropies, self.results)
 
-    def accumulate(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY."""
+    def hold(self, rollout: Rollout) -> StepOutput:
+        """A token_mean E rollout: counted now (its entropies as generation computed them, else from teacher
+        forcing without gradients), added to ΣX when the E batch has ended (`_held_entropy_pass`)."""
+        batch = rollout.batch
+        token_logprobs, token_entropies = batch.token_logprobs, batch.token_entropies
+        if token_entropies is None:  # model.generate (the legacy path) or rollouts saved without them
+            with self.results.timed("teacher_force_x"):
+                tf = self.processor.teacher_force_logprobs(batch)
+            token_logprobs, token_entropies = tf.token_logprobs, tf.token_entropies
+        self.sums.count("E", rollout.rewards, token_entropies, batch.response_mask)
+        self.held.append(rollout)
+        return StepOutput(rollout, token_logprobs.sum(-1), token_entropies, self.results)
+
+    def _entropy_plug_ins(self) -> list[float]:
+        """token_mean's column weights from the whole E batch's counts, summed over processes (every process
+        meets here, failed or not)."""
+        e = self.sums.counts["E"]
+        totals = torch.tensor([e.entropy_sum, e.tokens, e.responses], dtype=torch.float64)
+        self.collectives.sum_([totals])
+        entropy_sum, tokens, responses = totals.tolist()
+        if responses == 0 or tokens == 0:  # no E response, or only empty ones: finish says which
+            return [1.0, 0.0]
+        return estimators.token_mean_weights(entropy_sum, round(tokens), round(responses))
+
+    def _held_entropy_pass(self) -> None:
+        held, self.held = self.held, []
+        for rollout in held:
+            self.accumulate(rollout, count=False)
+
+    def accumulate(self, rollout: Rollout, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY.
+        count: add the rollout to the counts (a held E rollout was counted when it came)."""
         scored = []
         with self.results.timed(f"teacher_force_{'x' if rollout.role == 'E' else 'y'}"):
             batch = rollout.batch
@@ -177,14 +222,14 @@ class Probe:
                 with torch.enable_grad():
                     if rollout.role == "E":
                         columns = self.entropy_terms(micro, tf).mean(1).sum(0)
-                        for k, sums in enumerate(self.sums.sum_x):
-                            self.sums.add_gradient(sums, columns[k], retain_graph=k + 1 < len(columns))
+                        self.sums.add_gradient(self.sums.sum_x, columns @ columns.new_tensor(self.x_weights))
                     else:
                         self.sums.add_gradient(self.sums.sum_y, self.update_loss(micro, tf).sum())
                 scored.append((micro, tf.detached()))
         self.scored.extend(scored)
         token_entropies = torch.cat([tf.token_entropies for _, tf in scored])
-        self.sums.count(rollout.role, rollout.rewards, token_entropies, rollout.batch.response_mask)
+        if count:
+            self.sums.count(rollout.role, rollout.rewards, token_entropies, rollout.batch.response_mask)
         return torch.cat([tf.seq_logprobs for _, tf in scored]), token_entropies
 
     def finish(self, probe_index: int) -> ProbeResult:
@@ -198,12 +243,7 @@ class Probe:
         params = [p for _, p in self.named_params]
         with self.results.timed("finish_probe"):
             # In place: the sums are replaced by fresh ones at the end, and model-sized copies cost time.
-            if self.entropy_columns == 1:
-                x_weights = [1.0]
-                x_bar = [s.div_(B_E) for s in sums.sum_x[0]]
-            else:
-                x_weights = estimators.token_mean_weights(e.entropy_sum, e.tokens, e.responses)
-                x_bar = [a.mul_(x_weights[0] / B_E).add_(b, alpha=x_weights[1] / B_E) for a, b in zip(*sums.sum_x)]
+            x_bar = [s.div_(B_E) for s in sums.sum_x]
             grad_j = [s.div_(B_U) for s in sums.sum_y]
             batch_scale = self._batch_scale(u.tokens / B_U)
             if batch_scale != 1.0:
@@ -228,7 +268,7 @@ class Probe:
             mixed_update_fraction=u.mixed_prompts / B_U,
             covariance=self._covariance(),
         )
-        self.vectors = ProbeVectors(x_bar, grad_j, y_bar, x_weights, batch_scale * clip)
+        self.vectors = ProbeVectors(x_bar, grad_j, y_bar, self.x_weights, batch_scale * clip)
         contributions = None
         if self.settings.standard_error:
             with self.results.timed("standard_error"):
@@ -241,7 +281,7 @@ class Probe:
                     self.evaluation, entropy_batch, self.settings.entropy_target, result.covariance,
                     self.collectives.gather,
                 )  # fmt: skip
-        self.sums, self.scored, self.evaluation = ProbeSums(self.named_params, self.entropy_columns), [], []
+        self.sums, self.scored, self.evaluation = ProbeSums(self.named_params), [], []
         self.results.probes.append(result)
         self.contributions = contributions
         return result

@@ -47,6 +47,9 @@ FEATURES = datasets.Features(
         "gen_lens": datasets.List(datasets.Value("int32")),  # [G]
         "responses_text": datasets.List(datasets.Value("string")),  # [G]
         "rewards": datasets.List(datasets.Value("float32")),  # [G]
+        # [G][T - P] as generation computed them (BatchedSequences), null where it did not
+        "token_logprobs": datasets.List(datasets.List(datasets.Value("float32"))),
+        "token_entropies": datasets.List(datasets.List(datasets.Value("float32"))),
     }
 )
 
@@ -83,6 +86,9 @@ def rollout_rows(rollout: "Rollout", batch_index: int) -> list[dict]:
     """The rows of one rollout batch, one per prompt."""
     prompts, batch = rollout.prompts, rollout.batch
     sequences, masks, rewards = batch.sequences.tolist(), batch.attention_masks.tolist(), rollout.rewards.tolist()
+    recorded = batch.token_entropies is not None
+    token_logprobs = batch.token_logprobs.tolist() if recorded else [None] * len(sequences)
+    token_entropies = batch.token_entropies.tolist() if recorded else [None] * len(sequences)
     return [
         {
             "probe_index": prompts.probe_index,
@@ -98,6 +104,8 @@ def rollout_rows(rollout: "Rollout", batch_index: int) -> list[dict]:
             "gen_lens": batch.gen_lens[b],
             "responses_text": batch.responses_text[b],
             "rewards": rewards[b],
+            "token_logprobs": token_logprobs[b],
+            "token_entropies": token_entropies[b],
         }
         for b, prompt_id in enumerate(prompts.prompt_ids)
     ]
@@ -118,6 +126,11 @@ def saved_batches(folder: str | Path) -> Iterator[tuple[dict, BatchedSequences]]
         for _, group in itertools.groupby(enumerate(rows["batch_index"]), key=lambda row: row[1]):
             indices = [index for index, _ in group]
             columns = rows[indices[0] : indices[-1] + 1]
+            generation_scores = {
+                name: torch.tensor(columns[name], dtype=torch.float32)
+                for name in ("token_logprobs", "token_entropies")
+                if None not in columns.get(name, [None])  # saved without them: teacher forcing gives them
+            }  # fmt: skip
             yield (
                 columns,
                 BatchedSequences(
@@ -127,5 +140,6 @@ def saved_batches(folder: str | Path) -> Iterator[tuple[dict, BatchedSequences]]
                     gen_lens=columns["gen_lens"],
                     responses_text=columns["responses_text"],
                     pad_token_id=pad_token_id,
+                    **generation_scores,
                 ),
             )

@@ -112,8 +112,7 @@ def _sums(probe: Probe, rollouts) -> list[torch.Tensor]:
     probe.sums = ProbeSums(probe.named_params)
     for rollout in rollouts:
         probe.accumulate(rollout)
-    (sum_x,) = probe.sums.sum_x  # one entropy column (dr_grpo)
-    return [torch.cat([s.flatten() for s in sum_x]), torch.cat([s.flatten() for s in probe.sums.sum_y])]
+    return [torch.cat([s.flatten() for s in probe.sums.sum_x]), torch.cat([s.flatten() for s in probe.sums.sum_y])]
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
