@@ -55,17 +55,18 @@ class _HeadScores(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropies):
         hidden, weight, targets = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, torch.float32))
+        wide = torch.promote_types(weight.dtype, torch.float32)
+        grad_weight = torch.zeros_like(weight, dtype=wide)  # each chunk's share added in place: no [V, H] per chunk
         grads = [g.split(ctx.rows_per_chunk) if g is not None else None for g in (grad_logprobs, grad_entropies)]
         for i, (h, y, out) in enumerate(_split(ctx.rows_per_chunk, hidden, targets, grad_hidden)):
-            with torch.enable_grad():
-                h = h.detach().requires_grad_()
-                w = weight.detach().requires_grad_()
-                scores = _warp(_logits(h, w), ctx.warper)
+            with torch.no_grad():
+                z = _logits(h, weight).to(wide)
+            with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
+                scores = _warp(z.requires_grad_(bool(ctx.warper)), ctx.warper)
             grad_scores = _grad_scores(scores.detach(), y, *(g[i] if g is not None else None for g in grads))
-            grad_h, grad_w = torch.autograd.grad(scores, (h, w), grad_scores)
-            out.copy_(grad_h)
-            grad_weight += grad_w
+            grad_z = (torch.autograd.grad(scores, z, grad_scores)[0] if ctx.warper else grad_scores).flatten(0, 1)
+            out.copy_((grad_z.to(weight.dtype) @ weight).view_as(h))
+            grad_weight.addmm_(grad_z.T, h.flatten(0, 1).to(wide))
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
