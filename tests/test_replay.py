@@ -53,12 +53,14 @@ def test_saving_writes_the_identity_and_one_row_per_prompt_of_each_rollout(world
         "max_new_tokens": 3, "temperature": 1.0, "top_p": 1.0, "pad_token_id": 0, "eos_token_id": None,
         "stop_strings": [],
     }  # fmt: skip
-    assert (identity["data"]["B_E"], identity["data"]["B_U"], identity["data"]["rollout_batch_size"]) == (4, 4, 4)
+    assert (identity["data"]["B_E"], identity["data"]["B_U"], identity["data"]["rollout_batch_size"]) == (4, 4, 8)
     rows = datasets.load_from_disk(str(saved_run / "rollouts" / "probe_0"))
     assert rows["role"] == ["E"] * 4 + ["U"] * 4 and rows["batch_index"] == [0] * 4 + [1] * 4
     assert rows["last_in_probe"] == [False] * 4 + [True] * 4  # the batch that ends the probe
     for row in rows:
         assert row["gen_lens"] == [3, 3, 3, 3]  # the world has no EOS
+        # generation's scores, which a replay's token_mean plug-ins use
+        assert [len(e) for e in row["token_entropies"]] == [3] * 4 and [len(lp) for lp in row["token_logprobs"]] == [3] * 4
         assert [len(tokens) for tokens in row["sequences"]] == [row["prompt_len"] + 3] * 4
         assert [sum(mask[row["prompt_len"] :]) for mask in row["attention_masks"]] == [3] * 4
     rewards = [reward for group in rows["rewards"] for reward in group]
@@ -71,6 +73,20 @@ def test_replaying_saved_rollouts_gives_the_bit_identical_delta_h1(world, prompt
     assert saved["delta_h1"] != 0
     assert replayed["delta_h1"] == saved["delta_h1"] and replayed["delta_h1_se"] == saved["delta_h1_se"]
     assert replayed["probes"][0]["update_prompt_contributions"] == saved["probes"][0]["update_prompt_contributions"]
+
+
+def test_rollouts_saved_without_generation_scores_get_them_from_teacher_forcing(
+    world, prompts_file, saved_run, tmp_path
+):
+    """token_mean's plug-ins then come from teacher-forced entropies: the same δH₁ to float precision."""
+    rollouts = tmp_path / "rollouts"
+    shutil.copy(saved_run / "rollouts" / "identity.json", rollouts.mkdir() or rollouts / "identity.json")
+    rows = datasets.load_from_disk(str(saved_run / "rollouts" / "probe_0"))
+    rows.remove_columns(["token_logprobs", "token_entropies"]).save_to_disk(str(rollouts / "probe_0"))
+    saved = saved_results(saved_run)
+    replayed = replay(world, prompts_file, rollouts, tmp_path / "replay")
+    assert replayed["delta_h1"] == pytest.approx(saved["delta_h1"], rel=1e-5, abs=0)
+    assert replayed["entropy_mean"] == pytest.approx(saved["entropy_mean"], rel=1e-5, abs=0)
 
 
 def test_replaying_the_legacy_path_gives_the_bit_identical_delta_h1(world, prompts_file, tmp_path):
