@@ -327,7 +327,7 @@ def main(
         repeats: interleaved probe/bare pairs.
         sizes: B_E = B_U values of a linearity fit of the time (none by default).
         tf_batch_sizes: teacher-forcing microbatch sizes (sequences) of the memory comparison; default: the
-            config's tf_batch_size times 1, 2, 4 and 8.
+            config's tf_batch_size times 1, 2 and 3.
         seed: the config's data.seed (the prompt draw, and with probe, role and prompt id each response's
             sampling). None: the config's.
         threads: torch intra-op threads (None: torch's default).
@@ -376,7 +376,7 @@ def main(
     memory_bare = bench.run_bare(memory_probe.pop("rollouts"), meter=tensor_peak)
     print(f"tensor peaks: probe {memory_probe['peak_mib']}, bare {memory_bare['peak_mib']}", flush=True)
     default_tf = bench.processor.config.tf_batch_size
-    microbatches = _microbatch_memory(bench, rollouts, tf_batch_sizes or [default_tf * k for k in (1, 2, 4, 8)])
+    microbatches = _microbatch_memory(bench, rollouts, tf_batch_sizes or [default_tf * k for k in (1, 2, 3)])
 
     linearity = []
     for size in sizes or []:
