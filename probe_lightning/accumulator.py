@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from probe_lightning.distributed import Collectives
+from probe_lightning.estimators import dot64
 
 NamedParams = list[tuple[str, torch.Tensor]]
 
@@ -37,32 +38,43 @@ class ProbeSums:
         self.counts = {"E": RoleCounts(), "U": RoleCounts()}
         self.update_rewards: list[torch.Tensor] = []  # the U batch's [B, G] rewards (batch-scaled advantages)
 
-    def add_gradient(self, sums: list[torch.Tensor], loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """sums += ∇loss, each parameter's gradient added as soon as backward completes it, then dropped.
+    def add_gradient(
+        self, sums: list[torch.Tensor], loss: torch.Tensor, direction: list[torch.Tensor] | None = None
+    ) -> float | None:
+        """sums += ∇loss, each parameter's gradient added as soon as backward completes it, then dropped;
+        with a direction, also ⟨∇loss, direction⟩ (float64), taken from the same gradients.
 
         As in a plain loss.backward() into existing .grad, the whole gradient never exists at once
         (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak).
         The parameters' own .grad are left as they were.
         """
         saved_grads = [p.grad for p in self.params]
+        along = [0.0]
 
-        def add_into(total: torch.Tensor):
+        def add_into(total: torch.Tensor, toward: torch.Tensor | None):
             def hook(param: torch.Tensor) -> None:
                 total.add_(param.grad)
+                if toward is not None:
+                    along[0] += dot64(param.grad, toward)
                 param.grad = None
 
             return hook
 
-        handles = [p.register_post_accumulate_grad_hook(add_into(total)) for p, total in zip(self.params, sums)]
+        towards = direction if direction is not None else [None] * len(self.params)
+        handles = [
+            p.register_post_accumulate_grad_hook(add_into(total, toward))
+            for p, total, toward in zip(self.params, sums, towards, strict=True)
+        ]
         try:
             for p in self.params:
                 p.grad = None
-            loss.backward(inputs=self.params, retain_graph=retain_graph)
+            loss.backward(inputs=self.params)
         finally:
             for handle in handles:
                 handle.remove()
             for p, grad in zip(self.params, saved_grads):
                 p.grad = grad
+        return along[0] if direction is not None else None
 
     def count(self, role: str, rewards: torch.Tensor, token_entropies: torch.Tensor, response_mask: torch.Tensor):
         """Prompts, responses and tokens of one rollout ([B, G] rewards, [B, G, R] entropies and mask)."""
@@ -89,10 +101,11 @@ class ProbeSums:
         return (e.entropy_sum + u.entropy_sum) / max(e.tokens + u.tokens, 1)
 
     def all_reduce(self, collectives: Collectives) -> None:
-        """With several processes, every partial sum becomes the total over all of them (SUM, never a mean)."""
+        """With several processes, ΣY and the counts become their totals over all of them (SUM, never a
+        mean); ΣX is summed after the E pass, which needs Ȳ and the E counts first."""
         if not collectives.active:
             return
-        collectives.sum_(self.sum_x + self.sum_y)
+        collectives.sum_(self.sum_y)
         names = [f.name for f in fields(RoleCounts)]
         totals = torch.tensor([float(getattr(self.counts[r], n)) for r in "EU" for n in names], dtype=torch.float64)
         collectives.sum_([totals])

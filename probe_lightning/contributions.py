@@ -28,7 +28,8 @@ class ProbeContributions:
     tokens: list[dict] = field(default_factory=list)  # one row per E and U response token
 
     def add_rollout(self, rollout: Rollout, per_response, per_token, token_logprobs, token_entropies, tokenizer):
-        """per_response [B, G] and per_token [B, G, R] (None for E: X has no token-level split) in nats."""
+        """per_response [B, G] and per_token [B, G, R] in nats; both None for E responses (X has no token-level
+        split, and the E pass gives one derivative per prompt: its share is in entropy_prompt_contributions)."""
         batch = rollout.batch
         P, mask = batch.prompt_len, batch.response_mask.bool()
         for b, prompt_id in enumerate(rollout.prompt_ids):
@@ -45,7 +46,7 @@ class ProbeContributions:
                     "reward": rollout.rewards[b, g].item(), "advantage": rollout.advantages[b, g].item(),
                     "length": length, "S": token_logprobs[b, g, :length].sum().item(),
                     "mean_token_entropy": entropies.mean().item() if length else 0.0,
-                    "contribution": per_response[b, g].item(),
+                    "contribution": None if per_response is None else per_response[b, g].item(),
                 })  # fmt: skip
                 for t in range(length):
                     self.tokens.append({
@@ -69,7 +70,8 @@ class ProbeContributions:
 
     def top_responses(self) -> list[dict]:
         """The TOP responses by |contribution|, each with its tokens (for the report)."""
-        top = sorted(self.responses, key=lambda r: -abs(r["contribution"]))[:TOP]
+        scored = [r for r in self.responses if r["contribution"] is not None]
+        top = sorted(scored, key=lambda r: -abs(r["contribution"]))[:TOP]
         by_key = {}
         for token in self.tokens:
             by_key.setdefault(token["key"], []).append(token)

@@ -125,7 +125,13 @@ def update_loss(seq_logprobs: torch.Tensor, advantages: torch.Tensor, max_length
 
 def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """⟨a, b⟩ over a list of parameter-shaped tensors, accumulated in float64."""
-    return sum(torch.dot(x.double().flatten(), y.double().flatten()).item() for x, y in zip(a, b, strict=True))
+    return sum(dot64(x, y) for x, y in zip(a, b, strict=True))
+
+
+def dot64(x: torch.Tensor, y: torch.Tensor, chunk: int = 1 << 22) -> float:
+    """⟨x, y⟩ in float64, a chunk of the flattened tensors at a time (no float64 copy of a whole tensor)."""
+    pieces = zip(x.flatten().split(chunk), y.flatten().split(chunk), strict=True)
+    return sum(torch.dot(u.double(), v.double()).item() for u, v in pieces)
 
 
 def norm(a: list[torch.Tensor]) -> float:

@@ -1,8 +1,9 @@
 """Probe: one run's probing, prompt batch by prompt batch, as plain Python that tests drive directly.
 
-A probe = its E batches (entropy gradient X), then its U batches (the trainer's ∇J), then `finish`:
-X̄ = ΣX / B_E, ∇J̄ = ΣY / B_U (times the batch-level factors the trainer applies, then clipped), Ȳ from
-∇J̄ by the update geometry, δH₁ = η ⟨X̄, Ȳ⟩ (docs/math.md).
+A probe = its E batches, sampled and held; its U batches, teacher-forced into ΣY (the trainer's ∇J);
+then `finish`: ∇J̄ = ΣY / B_U (times the batch-level factors the trainer applies, then clipped), Ȳ from
+∇J̄ by the update geometry; the held E batch teacher-forced into ΣX (the entropy gradient X), now that
+token_mean's plug-ins and Ȳ are known; X̄ = ΣX / B_E, δH₁ = η ⟨X̄, Ȳ⟩ (docs/math.md).
 """
 
 from dataclasses import dataclass, replace
@@ -78,11 +79,12 @@ class Probe:
         self.trainer = settings.trainer_settings
         self.results = results
         self.checks: list[RolloutCheck] = []
-        # token_mean's X(p) weighs its two loss columns by plug-ins of the whole E batch (Ĥ_tok, Ê|y|): its E
-        # rollouts are held, and teacher-forced with one backward each once the E batch has ended.
-        self.hold_entropy_batch = settings.entropy_target == "token_mean"
+        # The E rollouts are held (token ids) until the probe's end: token_mean's X(p) weighs its two loss
+        # columns by plug-ins of the whole E batch (Ĥ_tok, Ê|y|), and with Ȳ known each E prompt's
+        # a_e = ⟨X(e), Ȳ⟩ comes with its own backward, as a dot product.
         self.held: list[Rollout] = []
         self.x_weights = [1.0]  # X(p) = ∇ Σ_k x_weights[k] (entropy column k)
+        self.entropy_derivatives: list[tuple[int, float]] = []  # (E prompt id, a_e), with the standard error
         self.sums = ProbeSums(named_params)
         # This probe's microbatches (E, then U) with their scores at θ: for the directional-derivative pass,
         # the contributions, the covariance proxy and the η sweep; and its V batch for the sweep.
@@ -100,10 +102,6 @@ class Probe:
         if not batch.last_in_probe:
             return output
         self.collectives.raise_any(self.failure)
-        if self.hold_entropy_batch:
-            self.x_weights = self._entropy_plug_ins()
-            self._unless_failed(self._held_entropy_pass)
-            self.collectives.raise_any(self.failure)
         finished = self.finish(batch.probe_index)
         contributions, self.contributions = self.contributions, None  # hand one probe's tables on, keep none
         return replace(output, finished=finished, contributions=contributions)
@@ -127,7 +125,7 @@ class Probe:
             check.check_rollout(rollout, self.make_rollout.num_samples(batch.role))
         if batch.role == "V":
             return self.evaluate(rollout)
-        if batch.role == "E" and self.hold_entropy_batch:
+        if batch.role == "E":
             return self.hold(rollout)
         seq_logprobs, token_entropies = self.accumulate(rollout)
         return StepOutput(rollout, seq_logprobs, token_entropies, self.results)
@@ -161,13 +159,6 @@ class Probe:
             return estimators.update_loss(tf.seq_logprobs, rollout.advantages, rollout.max_lengths)
         return (self.update_coefficients(rollout) * tf.token_logprobs).sum((1, 2))
 
-    def directional_outputs(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
-        """What the forward-mode pass differentiates: each E response's X term [B, G], each U token's log q."""
-        if rollout.role == "E":
-            terms = self.entropy_terms(rollout, tf)
-            return terms @ terms.new_tensor(self.vectors.x_weights)
-        return tf.token_logprobs
-
     # ---- accumulation and the finished probe ----
 
     def evaluate(self, rollout: Rollout) -> StepOutput:
@@ -180,8 +171,8 @@ class Probe:
         return StepOutput(rollout, tf.seq_logprobs, tf.token_entropies, self.results)
 
     def hold(self, rollout: Rollout) -> StepOutput:
-        """A token_mean E rollout: counted now (its entropies as generation computed them, else from teacher
-        forcing without gradients), added to ΣX when the E batch has ended (`_held_entropy_pass`)."""
+        """An E rollout: counted now (its entropies as generation computed them, else from teacher forcing
+        without gradients), added to ΣX at the probe's end (`finish`)."""
         batch = rollout.batch
         token_logprobs, token_entropies = batch.token_logprobs, batch.token_entropies
         if token_entropies is None:  # model.generate (the legacy path) or rollouts saved without them
@@ -192,29 +183,26 @@ class Probe:
         self.held.append(rollout)
         return StepOutput(rollout, token_logprobs.sum(-1), token_entropies, self.results)
 
-    def _entropy_plug_ins(self) -> list[float]:
-        """token_mean's column weights from the whole E batch's counts, summed over processes (every process
-        meets here, failed or not)."""
-        e = self.sums.counts["E"]
-        totals = torch.tensor([e.entropy_sum, e.tokens, e.responses], dtype=torch.float64)
-        self.collectives.sum_([totals])
-        entropy_sum, tokens, responses = totals.tolist()
-        if responses == 0 or tokens == 0:  # no E response, or only empty ones: finish says which
-            return [1.0, 0.0]
-        return estimators.token_mean_weights(entropy_sum, round(tokens), round(responses))
-
-    def _held_entropy_pass(self) -> None:
+    def _entropy_pass(self, y_bar: list[torch.Tensor] | None) -> None:
+        """The held E rollouts into ΣX; with y_bar (the standard error) one prompt per forward, each giving
+        a_e = ⟨X(e), Ȳ⟩ as its gradient is added."""
         held, self.held = self.held, []
         for rollout in held:
-            self.accumulate(rollout, count=False)
+            self.accumulate(rollout, count=False, direction=y_bar)
 
-    def accumulate(self, rollout: Rollout, count: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(
+        self, rollout: Rollout, count: bool = True, direction: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY.
-        count: add the rollout to the counts (a held E rollout was counted when it came)."""
+        count: add the rollout to the counts (a held E rollout was counted when it came).
+        direction (E only): one prompt per microbatch, and each prompt's ⟨X(e), direction⟩ kept."""
         scored = []
         with self.results.timed(f"teacher_force_{'x' if rollout.role == 'E' else 'y'}"):
             batch = rollout.batch
-            for rows in self.processor.microbatches(batch.num_prompts, batch.num_responses_per_prompt):
+            slices = self.processor.microbatches(batch.num_prompts, batch.num_responses_per_prompt)
+            if direction is not None:
+                slices = [slice(b, b + 1) for b in range(batch.num_prompts)]
+            for rows in slices:
                 micro = rollout.select(rows)
                 tf = self.processor.teacher_force_logprobs(micro.batch, with_grad=True)
                 for check in self.checks:
@@ -222,7 +210,10 @@ class Probe:
                 with torch.enable_grad():
                     if rollout.role == "E":
                         columns = self.entropy_terms(micro, tf).mean(1).sum(0)
-                        self.sums.add_gradient(self.sums.sum_x, columns @ columns.new_tensor(self.x_weights))
+                        loss = columns @ columns.new_tensor(self.x_weights)
+                        along = self.sums.add_gradient(self.sums.sum_x, loss, direction)
+                        if direction is not None:
+                            self.entropy_derivatives.append((micro.prompt_ids[0], along))
                     else:
                         self.sums.add_gradient(self.sums.sum_y, self.update_loss(micro, tf).sum())
                 scored.append((micro, tf.detached()))
@@ -233,8 +224,8 @@ class Probe:
         return torch.cat([tf.seq_logprobs for _, tf in scored]), token_entropies
 
     def finish(self, probe_index: int) -> ProbeResult:
-        """X̄, ∇J̄ and Ȳ from the sums, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the standard error, contributions,
-        covariance proxy and η sweep as asked."""
+        """∇J̄ and Ȳ from ΣY; the held E batch into ΣX; X̄, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the
+        standard error, contributions, covariance proxy and η sweep as asked."""
         sums = self.sums
         sums.all_reduce(self.collectives)
         e, u = sums.counts["E"], sums.counts["U"]
@@ -243,7 +234,6 @@ class Probe:
         params = [p for _, p in self.named_params]
         with self.results.timed("finish_probe"):
             # In place: the sums are replaced by fresh ones at the end, and model-sized copies cost time.
-            x_bar = [s.div_(B_E) for s in sums.sum_x]
             grad_j = [s.div_(B_U) for s in sums.sum_y]
             batch_scale = self._batch_scale(u.tokens / B_U)
             if batch_scale != 1.0:
@@ -252,6 +242,14 @@ class Probe:
             if clip != 1.0:
                 grad_j = [g.mul_(clip) for g in grad_j]
             y_bar = self.geometry.step_direction(grad_j, params)
+        if self.settings.entropy_target == "token_mean":
+            require(e.tokens > 0, f"probe {probe_index}: every E response is empty, so token_mean is undefined")
+            self.x_weights = estimators.token_mean_weights(e.entropy_sum, e.tokens, e.responses)
+        self._unless_failed(lambda: self._entropy_pass(y_bar if self.settings.standard_error else None))
+        self.collectives.raise_any(self.failure)
+        self.collectives.sum_(sums.sum_x)
+        with self.results.timed("finish_probe"):
+            x_bar = [s.div_(B_E) for s in sums.sum_x]
             bars_dot = estimators.dot(x_bar, y_bar)
         scale = self.geometry.scale
         result = ProbeResult(
@@ -282,47 +280,45 @@ class Probe:
                     self.collectives.gather,
                 )  # fmt: skip
         self.sums, self.scored, self.evaluation = ProbeSums(self.named_params), [], []
+        self.entropy_derivatives = []
         self.results.probes.append(result)
         self.contributions = contributions
         return result
 
     def _contributions(self, result: ProbeResult, params: list[torch.Tensor]) -> ProbeContributions:
-        """One forward-mode pass: a_e per E prompt, b_u per U prompt (the plug-in SE), and every sample's
-        share of δH₁: η a_e / B_E over E responses, d_{u,g,t} = η c ⟨v, ∇log q(y_t)⟩ / B_U over U tokens."""
+        """The plug-in SE from a_e per E prompt (kept by the E pass) and b_u per U prompt, and every sample's
+        share of δH₁: η a_e / B_E per E prompt, d_{u,g,t} = η c ⟨v, ∇log q(y_t)⟩ / B_U per U token, from one
+        forward-mode pass over the U batch along v."""
         vectors, scale = self.vectors, self.geometry.scale
         B_E, B_U = result.B_E, result.B_U
-        directions = {"E": vectors.y_bar, "U": self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)}
-        micros = [micro for micro, _ in self.scored]
+        update = [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
+        direction = {"U": self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)}
         derivatives = directional_derivatives(
-            self.processor, self.named_params, micros, directions, self.directional_outputs
-        )
-        local = ProbeContributions(result.probe_index)
-        a_e, b_u, update_ids, entropy_ids = [], [], [], []
-        for (micro, derivative), (_, tf) in zip(derivatives, self.scored):
-            G = micro.batch.num_responses_per_prompt
-            if micro.role == "E":
-                a_e.append(derivative.mean(1))
-                entropy_ids.extend(micro.prompt_ids)
-                per_response, per_token = scale * derivative / (G * B_E), None
-            else:
-                token_b = self.update_coefficients(micro).double() * vectors.update_scale * derivative
-                b_u.append(token_b.sum((1, 2)))
-                update_ids.extend(micro.prompt_ids)
-                per_token = scale * token_b / B_U
-                per_response = per_token.sum(-1)
-            local.add_rollout(
-                micro, per_response, per_token, tf.token_logprobs, tf.token_entropies, self.processor.tokenizer
-            )
-        shares = self.collectives.gather((torch.cat(a_e).cpu(), entropy_ids, torch.cat(b_u).cpu(), update_ids, local))
-        a_e, entropy_ids, b_u, update_ids = (
-            torch.cat([s[0] for s in shares]), [i for s in shares for i in s[1]],
-            torch.cat([s[2] for s in shares]), [i for s in shares for i in s[3]],
+            self.processor, self.named_params, [micro for micro, _ in update], direction,
+            lambda micro, tf: tf.token_logprobs,
         )  # fmt: skip
-        contributions = ProbeContributions.merge([s[4] for s in shares])
+        local = ProbeContributions(result.probe_index)
+        b_u, update_ids = [], []
+        for (micro, derivative), (_, tf) in zip(derivatives, update):
+            token_b = self.update_coefficients(micro).double() * vectors.update_scale * derivative
+            b_u.append(token_b.sum((1, 2)))
+            update_ids.extend(micro.prompt_ids)
+            per_token = scale * token_b / B_U
+            local.add_rollout(
+                micro, per_token.sum(-1), per_token, tf.token_logprobs, tf.token_entropies, self.processor.tokenizer
+            )
+        for micro, tf in self.scored:  # E responses: in the tables, their share is their prompt's
+            if micro.role == "E":
+                local.add_rollout(micro, None, None, tf.token_logprobs, tf.token_entropies, self.processor.tokenizer)
+        shares = self.collectives.gather((self.entropy_derivatives, torch.cat(b_u).cpu(), update_ids, local))
+        entropy = [pair for share in shares for pair in share[0]]
+        a_e = torch.tensor([a for _, a in entropy], dtype=torch.float64)
+        b_u, update_ids = torch.cat([s[1] for s in shares]), [i for s in shares for i in s[2]]
+        contributions = ProbeContributions.merge([s[3] for s in shares])
         result.delta_h1_se = estimators.plugin_standard_error(a_e, b_u, scale)
         result.delta_h1_se_parts = estimators.standard_error_parts(a_e, b_u, scale)
         result.update_prompt_contributions = dict(zip(update_ids, (scale * b_u / B_U).tolist()))
-        result.entropy_prompt_contributions = dict(zip(entropy_ids, (scale * a_e / B_E).tolist()))
+        result.entropy_prompt_contributions = {prompt_id: scale * a / B_E for prompt_id, a in entropy}
         result.contributions_add_up_to = "the linearised step" if self.geometry.kind == "adamw_step" else "delta_h1"
         result.top_responses = contributions.top_responses()
         result.top_tokens = contributions.top_tokens()

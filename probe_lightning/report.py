@@ -165,8 +165,8 @@ def _legend(adds_up_to: str | None, scale: float) -> str:
     if adds_up_to:
         text += f" The contributions add up to {'δH₁' if adds_up_to == 'delta_h1' else adds_up_to}."
     roles = (
-        "U: the update batch, which the step trains on. E: the entropy batch, on which the entropy is measured; "
-        "its tokens have no contribution of their own (X has no token-level split) and stay unshaded."
+        "U: the update batch, which the step trains on. The entropy batch (E), on which the entropy is measured, "
+        "has one share per prompt (the results' entropy_prompt_contributions): X has no token-level split."
     )
     return f'<p class="meta"><span class="legend"></span> {html.escape(text)}<br>{html.escape(roles)}</p>'
 

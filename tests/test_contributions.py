@@ -8,6 +8,7 @@ from eos_world import save_eos_world
 from probe_helpers import make_probe, prompt_batches
 
 from probe_lightning.config import TrainerConfig
+from probe_lightning.directional import directional_derivatives
 from probe_lightning.probe import Probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,9 +44,32 @@ def test_token_and_entropy_prompt_contributions_add_up_to_delta_h1(eos_world, tm
     tokens = [t["contribution"] for t in tables.tokens if t["role"] == "U"]
     for parts in (tokens, list(result.entropy_prompt_contributions.values())):
         assert abs(sum(parts) - result.delta_h1) <= 1e-6 * abs(result.delta_h1)
-    responses = {r["key"]: r["contribution"] for r in tables.responses}
-    assert sum(responses.values()) == pytest.approx(2 * result.delta_h1, rel=1e-6)  # E's and U's shares
+    responses = [r["contribution"] for r in tables.responses if r["role"] == "U"]
+    assert sum(responses) == pytest.approx(result.delta_h1, rel=1e-6)
+    assert all(r["contribution"] is None for r in tables.responses if r["role"] == "E")  # E's are per prompt
     assert result.counterfactuals["all"]["delta_h1"] == pytest.approx(result.delta_h1, rel=1e-6)
+
+
+@pytest.mark.parametrize("entropy_target", ["token_mean", "budget"])
+def test_each_entropy_prompt_share_is_the_forward_mode_derivative_of_its_loss_along_y_bar(eos_world, entropy_target):
+    """a_e comes from the E pass's own gradient (a dot product with Ȳ); forward-mode AD of each prompt's
+    loss along Ȳ gives the same numbers."""
+    probe = make_probe(eos_world, G=3, G_E=3, entropy_target=entropy_target, estimator="rb", dtype=torch.float64,
+                       trainer=TrainerConfig(loss_type="dapo", max_grad_norm=0.5))  # fmt: skip
+    batches = prompt_batches(0, PROMPTS * 2, PROMPTS * 2, 3, seed=5)
+    result, vectors = [probe.step(batch) for batch in batches][-1].finished, probe.vectors
+    entropy_batch = [probe.make_rollout(batch) for batch in batches if batch.role == "E"]  # the same samples
+    weights = torch.tensor(vectors.x_weights, dtype=torch.float64)
+    derivatives = directional_derivatives(
+        probe.processor, probe.named_params, entropy_batch, {"E": vectors.y_bar},
+        lambda micro, tf: probe.entropy_terms(micro, tf) @ weights,
+    )  # fmt: skip
+    expected = {i: a for micro, d in derivatives for i, a in zip(micro.prompt_ids, d.mean(1).tolist())}
+    scale = probe.geometry.scale / result.B_E
+    shares = {i: share / scale for i, share in result.entropy_prompt_contributions.items()}
+    assert len(shares) == len(PROMPTS) * 2 and shares.keys() == expected.keys()
+    for i, a in expected.items():
+        assert shares[i] == pytest.approx(a, rel=1e-9, abs=1e-12)
 
 
 def test_with_the_adamw_step_contributions_add_up_to_the_linearised_step(eos_world, tmp_path):
@@ -89,6 +113,6 @@ def test_the_top_lists_are_the_largest_contributions(eos_world):
     largest = max(abs(t["contribution"]) for t in out.contributions.tokens if t["contribution"] is not None)
     assert len(result.top_tokens) == 10 and abs(result.top_tokens[0]["contribution"]) == largest
     assert [abs(r["contribution"]) for r in result.top_responses] == sorted(
-        (abs(r["contribution"]) for r in out.contributions.responses), reverse=True
+        (abs(r["contribution"]) for r in out.contributions.responses if r["role"] == "U"), reverse=True
     )[:10]
     assert all(r["tokens"] and len(r["tokens"]) == r["length"] for r in result.top_responses)

@@ -35,8 +35,9 @@ def exact_world(world: str, G: int):
 
 
 @functools.cache
-def probes(world: str, entropy_target: str, G_E: int):
-    probe = make_probe(world, G_E=G_E, entropy_target=entropy_target)
+def probes(world: str, entropy_target: str, G_E: int, standard_error: bool = False):
+    """Without the standard error unless asked: its E pass holds one prompt per forward (384 with G_E = 1)."""
+    probe = make_probe(world, G_E=G_E, entropy_target=entropy_target, standard_error=standard_error)
     return run_probes(probe, NUM_PROBES[G_E], ENTROPY_PROMPTS[G_E], UPDATE_PROMPTS, seed=1234)
 
 
@@ -87,7 +88,7 @@ def test_x_bar_and_y_bar_are_unbiased_along_fixed_directions(world, entropy_targ
 
 def test_standard_error_intervals_cover_the_exact_value_95_percent_of_the_time(world):
     exact, _, _ = exact_world(world, G=4)
-    results, _, _ = probes(world, "dr_grpo", 4)
+    results, _, _ = probes(world, "dr_grpo", 4, standard_error=True)
     covered = [abs(r.delta_h1 - exact) <= 1.96 * r.delta_h1_se for r in results]
     coverage = sum(covered) / len(covered)
     log.info("95%% intervals covered the exact δH₁ in %.3f of %d probes", coverage, len(covered))
@@ -95,7 +96,7 @@ def test_standard_error_intervals_cover_the_exact_value_95_percent_of_the_time(w
 
 
 def test_update_prompt_contributions_sum_to_delta_h1(world):
-    results, _, _ = probes(world, "dr_grpo", 4)
+    results, _, _ = probes(world, "dr_grpo", 4, standard_error=True)
     for result in results[:10]:
         contributions = result.update_prompt_contributions.values()
         assert len(contributions) == len(UPDATE_PROMPTS)
