@@ -86,7 +86,7 @@ class Probe:
         self.x_weights = [1.0]  # X(p) = ∇ Σ_k x_weights[k] (entropy column k)
         self.entropy_derivatives: list[tuple[int, float]] = []  # (E prompt id, a_e), with the standard error
         self.sums = ProbeSums(named_params)
-        # This probe's microbatches (E, then U) with their scores at θ: for the directional-derivative pass,
+        # This probe's microbatches (U, then E) with their scores at θ: for the directional-derivative pass,
         # the contributions, the covariance proxy and the η sweep; and its V batch for the sweep.
         self.scored: list[tuple[Rollout, TeacherForcing]] = []
         self.evaluation: list[tuple[Rollout, TeacherForcing]] = []
