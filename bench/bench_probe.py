@@ -12,7 +12,7 @@ only: B_E = B_U (its own sizes), the Trainer's logger, progress bar and checkpoi
 --seed, and with --quick a smaller max_new_tokens. The bare minimum, in the same process and interleaved
 with the probe (probe, bare, bare, probe, ...), is one plain `model.generate` per batch, drawing with the
 probe's seeded sampler (so the same sequences, which is checked), then per teacher-forcing microbatch of
-the probe (the same prompt slices)
+the probe (the same prompt slices: one prompt per forward over E with the standard error on)
 one forward (`logits_to_keep`: response positions only, as the probe), log_softmax, gather, a
 weighted sum of the sequence log-probs S (the seed's L_X or L_Y of docs/math.md: dr_grpo, A / L_max; the
 weights do not change the cost, so it is a floor for every entropy_target and estimator), and one
@@ -194,8 +194,11 @@ def bare_generate(processor: SequenceProcessor, batches: list[PromptBatch], G: i
     return outputs, time.perf_counter() - start
 
 
-def bare_pass(processor: SequenceProcessor, rollouts: list[Rollout], grad_sums: list[torch.Tensor]) -> float:
-    """One forward + backward per microbatch of the weighted S sum (L_X for E rollouts, L_Y for U): seconds."""
+def bare_pass(
+    processor: SequenceProcessor, rollouts: list[Rollout], grad_sums: list[torch.Tensor], one_prompt: bool = False
+) -> float:
+    """One forward + backward per microbatch of the weighted S sum (L_X for E rollouts, L_Y for U): seconds.
+    one_prompt: one prompt per microbatch, as the probe's E pass with the standard error."""
     model = processor.model
     params = [p for p in model.parameters() if p.requires_grad]
     for p, total in zip(params, grad_sums):
@@ -203,7 +206,10 @@ def bare_pass(processor: SequenceProcessor, rollouts: list[Rollout], grad_sums: 
     start = time.perf_counter()
     for rollout in rollouts:
         G = rollout.batch.num_responses_per_prompt
-        for rows in processor.microbatches(rollout.batch.num_prompts, G):  # the probe's prompt slices
+        slices = processor.microbatches(rollout.batch.num_prompts, G)  # the probe's prompt slices
+        if one_prompt:
+            slices = [slice(b, b + 1) for b in range(rollout.batch.num_prompts)]
+        for rows in slices:
             micro = rollout.select(rows)
             batch = micro.batch
             ids, mask = batch.sequences.flatten(0, 1), batch.attention_masks.flatten(0, 1)
@@ -299,8 +305,11 @@ class Bench:
                      for role in ("E", "U")}  # fmt: skip
         run = {"generate": generate_seconds}
         for name, role in (("x_pass", "E"), ("y_pass", "U")):
+            one_prompt = role == "E" and self.settings.standard_error  # the probe's E slices
             with meter(peaks, name):
-                run[name] = bare_pass(self.processor, [r for r in rollouts if r.role == role], grad_sums[role])
+                run[name] = bare_pass(
+                    self.processor, [r for r in rollouts if r.role == role], grad_sums[role], one_prompt
+                )
         return {**run, "total": sum(run.values()), "peak_mib": peaks, "same_sequences": _same(generated, rollouts)}
 
 
