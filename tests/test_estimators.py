@@ -105,3 +105,14 @@ def test_standard_error_parts_are_the_two_terms_of_the_plugin_se():
     parts = estimators.standard_error_parts(a_e, b_u, 0.1)
     assert parts == pytest.approx({"E": 0.1 * math.sqrt((5 / 3) / 4), "U": 0.1 * math.sqrt(2 / 2)})
     assert math.hypot(parts["E"], parts["U"]) == pytest.approx(estimators.plugin_standard_error(a_e, b_u, 0.1))
+
+
+def test_dot64_is_float64_accurate_without_float64_copies():
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1_000_003, generator=generator), torch.randn(1_000_003, generator=generator)
+    exact = torch.dot(x.double(), y.double()).item()
+    # a float32 torch.dot is 4e-9 |x||y| off here
+    assert abs(estimators.dot64(x, y) - exact) <= 1e-10 * x.norm().item() * y.norm().item()
+    assert estimators.dot64(x.double(), y.double()) == pytest.approx(exact, rel=1e-14)
+    bf16_exact = torch.dot(x.bfloat16().double(), y.double()).item()
+    assert estimators.dot64(x.bfloat16(), y) == pytest.approx(bf16_exact, rel=1e-6)
