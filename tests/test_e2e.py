@@ -78,9 +78,12 @@ def test_cli_default_config_runs_and_reports(tmp_path):
     train.main(
         ["predict", "--config", str(ROOT / "configs/sp.yaml"), "--data.B_E", "2", "--data.B_U", "2",
          "--model.G", "2", "--model.generation.max_new_tokens", "16", "--trainer.enable_progress_bar", "false",
-         "--trainer.logger.init_args.save_dir", str(tmp_path)]
+         "--trainer.logger.init_args.save_dir", str(tmp_path),
+         # a draw with mixed outcomes in U: with 2 prompts x 2 responses many have none, and δH₁ is then 0
+         "--data.seed", "1"]
     )  # fmt: skip
     (path,) = tmp_path.glob("**/results.json")
     results = json.loads(path.read_text())
     assert results["model"] == DEFAULT_MODEL and results["B_E"] == 2 and results["G"] == 2
+    assert results["mixed_update_fraction"] > 0, "this draw should have a U prompt with mixed outcomes"
     assert results["delta_h1_se"] > 0 and results["x_norm"] > 0
