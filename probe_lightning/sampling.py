@@ -22,7 +22,7 @@ class GenerationConfig:
     top_p: float = 1.0
     pad_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    gen_batch_size: int = 32  # sequences per model.generate call
+    gen_batch_size: int = 32  # sequences per generation call (whole prompts: at least G)
     # Sequences per teacher-forcing forward. A forward holds whole prompts (all G responses, so a
     # group's baseline sees its group): tf_batch_size // G prompts, at least one.
     tf_batch_size: int = 16
