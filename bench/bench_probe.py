@@ -1,6 +1,6 @@
 """The probe against the bare minimum work, on the same prompts and the same sampled sequences.
 
-    python bench/bench_probe.py                    # configs/sp.yaml's probe, B_E = B_U = 8 (~25 min, 2 cores)
+    python bench/bench_probe.py                    # configs/sp.yaml's probe, B_E = B_U = 8 (~15 min, 2 cores)
     python bench/bench_probe.py --quick true       # a sanity run (~3 min)
     python bench/bench_probe.py --sizes [2,4,6,8]  # also the time's linearity in the batch sizes
     python bench/bench_probe.py --threads 1 --profile true
