@@ -1,4 +1,4 @@
-"""Which samples drive δH₁: contributions per E response, per U token (adding up to δH₁), the tables users
+"""Which samples drive δH₁: contributions per E prompt, per U token (adding up to δH₁), the tables users
 open, and counterfactual token selections (docs/math.md "Contributions down to tokens").
 
 For a linear geometry δH₁ = Σ_{u,g,t} d_{u,g,t} with d = η c_{u,g,t} ⟨P ⊙ X̄, ∇log q(y_{u,g,t})⟩, and

@@ -1,8 +1,9 @@
-"""Directional derivatives by forward-mode AD: the standard error's a_e and b_u, and the contributions.
+"""Directional derivatives by forward-mode AD: the standard error's b_u and the token contributions.
 
 One jvp per microbatch gives, for every prompt, response or token at once, the derivative of a per-sample
-quantity along a fixed parameter direction: for E the responses' L_X terms along Ȳ (a_e), for U each
-token's log q along v = P ⊙ X̄ (b_u and the token contributions). No per-sample gradient is formed.
+quantity along a fixed parameter direction: the probe differentiates each U token's log q along
+v = P ⊙ X̄ (b_u and the token contributions). No per-sample gradient is formed. (E's a_e come from the
+E pass's own gradients, Probe.accumulate; tests use this pass for E too, as an independent check.)
 """
 
 from collections.abc import Callable
