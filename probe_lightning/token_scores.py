@@ -57,14 +57,11 @@ class _HeadScores(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         wide = torch.promote_types(weight.dtype, torch.float32)
         grad_weight = torch.zeros_like(weight, dtype=wide)  # each chunk's share added in place: no [V, H] per chunk
-        grads = [g.split(ctx.rows_per_chunk) if g is not None else None for g in (grad_logprobs, grad_entropies)]
-        for i, (h, y, out) in enumerate(_split(ctx.rows_per_chunk, hidden, targets, grad_hidden)):
+        grads = _chunked_grads(ctx.rows_per_chunk, grad_logprobs, grad_entropies)
+        for (h, y, out), (g, g_h) in zip(_split(ctx.rows_per_chunk, hidden, targets, grad_hidden), grads):
             with torch.no_grad():
                 z = _logits(h, weight).to(wide)
-            with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
-                scores = _warp(z.requires_grad_(bool(ctx.warper)), ctx.warper)
-            grad_scores = _grad_scores(scores.detach(), y, *(g[i] if g is not None else None for g in grads))
-            grad_z = (torch.autograd.grad(scores, z, grad_scores)[0] if ctx.warper else grad_scores).flatten(0, 1)
+            grad_z = _logits_gradient(z, y, ctx.warper, g, g_h).flatten(0, 1)
             out.copy_((grad_z.to(weight.dtype) @ weight).view_as(h))
             grad_weight.addmm_(grad_z.T, h.flatten(0, 1).to(wide))
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
@@ -90,16 +87,9 @@ class _TokenScores(torch.autograd.Function):
     def backward(ctx, grad_logprobs, grad_entropies):
         logits, targets = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros(targets.shape, dtype=grad_entropies.dtype, device=logits.device)
-        chunks = _split(ctx.rows_per_chunk, logits, targets, grad_logprobs, grad_logits)
-        for i, (z, y, g, out) in enumerate(chunks):
-            with torch.enable_grad():  # the warper's own backward (temperature, top-p mask), if any
-                z = z.detach().requires_grad_(bool(ctx.warper))
-                scores = _warp(z, ctx.warper)
-            g_h = None if grad_entropies is None else grad_entropies.split(ctx.rows_per_chunk)[i]
-            grad_scores = _grad_scores(scores.detach(), y, g, g_h)
-            out.copy_(torch.autograd.grad(scores, z, grad_scores)[0] if ctx.warper else grad_scores)
+        grads = _chunked_grads(ctx.rows_per_chunk, grad_logprobs, grad_entropies)
+        for (z, y, out), (g, g_h) in zip(_split(ctx.rows_per_chunk, logits, targets, grad_logits), grads):
+            out.copy_(_logits_gradient(z, y, ctx.warper, g, g_h))
         return grad_logits, None, None, None
 
 
@@ -107,6 +97,23 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """[N, R, H] @ [V, H]ᵀ as one 2-D matmul: torch.matmul picks its kernel by whether an input needs a
     gradient, which would make the same numbers differ in the last bit between the probe's passes."""
     return (hidden.reshape(-1, hidden.shape[-1]) @ weight.T).view(*hidden.shape[:-1], weight.shape[0])
+
+
+def _chunked_grads(rows: int, grad_logprobs: torch.Tensor | None, grad_entropies: torch.Tensor | None):
+    """Per row chunk, (gradient of the log-probs, gradient of the entropies); None where the loss has none."""
+    parts = [g.split(rows) if g is not None else None for g in (grad_logprobs, grad_entropies)]
+    count = len(next(p for p in parts if p is not None))
+    return [tuple(p[i] if p is not None else None for p in parts) for i in range(count)]
+
+
+def _logits_gradient(z, targets, warper, grad_logprobs, grad_entropies) -> torch.Tensor:
+    """d(Σ g·log q(y) + Σ g_H·H) / d z for one chunk of logits z, through the warper's own backward
+    (temperature, top-p mask), if any."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(bool(warper))
+        scores = _warp(z, warper)
+    grad_scores = _grad_scores(scores.detach(), targets, grad_logprobs, grad_entropies)
+    return torch.autograd.grad(scores, z, grad_scores)[0] if warper else grad_scores
 
 
 def _grad_scores(scores, targets, grad_logprobs, grad_entropies) -> torch.Tensor:
