@@ -45,10 +45,15 @@ class ResponseEnds:
         ended = torch.isin(tokens, self.eos.to(tokens.device))
         if self.stop_strings:
             for i, (row, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
-                self.texts[row] += self.tokenizer.decode([token])
-                if any(s in self.texts[row] for s in self.stop_strings):
+                if self.completes_stop_string(row, token):
                     ended[i] = True
         return ended
+
+    def completes_stop_string(self, row: int, token: int) -> bool:
+        """Append `token` to row's text; whether the text now holds a stop string (the first time it does,
+        this token completed it)."""
+        self.texts[row] += self.tokenizer.decode([token])
+        return any(s in self.texts[row] for s in self.stop_strings)
 
 
 @torch.no_grad()

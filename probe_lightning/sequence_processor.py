@@ -242,17 +242,9 @@ class SequenceProcessor:
         return lengths
 
     def _stop_string_end(self, tokens: list[int]) -> int:
-        pieces = [self.tokenizer.decode([t]) for t in tokens]
-        text = "".join(pieces)
-        hits = [text.find(s) + len(s) for s in self.config.stop_strings if s in text]
-        if not hits:
-            return len(tokens)
-        end_char, covered = min(hits), 0
-        for i, piece in enumerate(pieces):
-            covered += len(piece)
-            if covered >= end_char:
-                return i + 1
-        return len(tokens)
+        """Tokens up to the one completing the first stop string, by the sampling loop's own rule."""
+        ends = ResponseEnds(self.tokenizer, [], self.config.stop_strings, num_rows=1)
+        return next((i + 1 for i, token in enumerate(tokens) if ends.completes_stop_string(0, token)), len(tokens))
 
     # ---- teacher forcing ----
 
