@@ -35,17 +35,17 @@ def directional_derivatives(
     processor: SequenceProcessor,
     named_params: NamedParams,
     rollouts: list[Rollout],
-    directions: dict[str, list[torch.Tensor]],
+    direction: list[torch.Tensor],
     outputs: Callable[[Rollout, TeacherForcing], torch.Tensor],
 ) -> list[tuple[Rollout, torch.Tensor]]:
     """Per microbatch of each rollout: (the microbatch, the derivative of outputs(microbatch, its teacher
-    forcing) along directions[role], float64)."""
+    forcing) along direction, float64)."""
     names = [n for n, _ in named_params]
     primals = tuple(p.detach() for _, p in named_params)
+    tangents = tuple(d.to(p.dtype) for d, p in zip(direction, primals, strict=True))  # one copy, not per rollout
     results = []
     with forward_mode_attention(processor.model):
         for rollout in rollouts:
-            tangents = tuple(d.to(p.dtype) for d, p in zip(directions[rollout.role], primals))
             for rows in processor.microbatches(rollout.batch.num_prompts, rollout.batch.num_responses_per_prompt):
                 micro = rollout.select(rows)
 

@@ -188,13 +188,13 @@ class Probe:
         a_e = ⟨X(e), Ȳ⟩ as its gradient is added."""
         held, self.held = self.held, []
         for rollout in held:
-            self.accumulate(rollout, count=False, direction=y_bar)
+            self.accumulate(rollout, direction=y_bar)
 
     def accumulate(
-        self, rollout: Rollout, count: bool = True, direction: list[torch.Tensor] | None = None
+        self, rollout: Rollout, direction: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY.
-        count: add the rollout to the counts (a held E rollout was counted when it came).
+        """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY; a U
+        rollout is also counted (E rollouts are counted when they are held).
         direction (E only): one prompt per microbatch, and each prompt's ⟨X(e), direction⟩ kept."""
         scored = []
         with self.results.timed(f"teacher_force_{'x' if rollout.role == 'E' else 'y'}"):
@@ -219,8 +219,8 @@ class Probe:
                 scored.append((micro, tf.detached()))
         self.scored.extend(scored)
         token_entropies = torch.cat([tf.token_entropies for _, tf in scored])
-        if count:
-            self.sums.count(rollout.role, rollout.rewards, token_entropies, rollout.batch.response_mask)
+        if rollout.role == "U":
+            self.sums.count("U", rollout.rewards, token_entropies, rollout.batch.response_mask)
         return torch.cat([tf.seq_logprobs for _, tf in scored]), token_entropies
 
     def finish(self, probe_index: int) -> ProbeResult:
@@ -292,7 +292,7 @@ class Probe:
         vectors, scale = self.vectors, self.geometry.scale
         B_E, B_U = result.B_E, result.B_U
         update = [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
-        direction = {"U": self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)}
+        direction = self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)
         derivatives = directional_derivatives(
             self.processor, self.named_params, [micro for micro, _ in update], direction,
             lambda micro, tf: tf.token_logprobs,

@@ -61,7 +61,7 @@ def test_each_entropy_prompt_share_is_the_forward_mode_derivative_of_its_loss_al
     entropy_batch = [probe.make_rollout(batch) for batch in batches if batch.role == "E"]  # the same samples
     weights = torch.tensor(vectors.x_weights, dtype=torch.float64)
     derivatives = directional_derivatives(
-        probe.processor, probe.named_params, entropy_batch, {"E": vectors.y_bar},
+        probe.processor, probe.named_params, entropy_batch, vectors.y_bar,
         lambda micro, tf: probe.entropy_terms(micro, tf) @ weights,
     )  # fmt: skip
     expected = {i: a for micro, d in derivatives for i, a in zip(micro.prompt_ids, d.mean(1).tolist())}
