@@ -194,6 +194,21 @@ def bare_generate(processor: SequenceProcessor, batches: list[PromptBatch], G: i
     return outputs, time.perf_counter() - start
 
 
+def _forward_inputs(batch: BatchedSequences) -> dict:
+    ids, mask = batch.sequences.flatten(0, 1), batch.attention_masks.flatten(0, 1)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
+            "use_cache": False}  # fmt: skip
+
+
+def bare_token_logprobs(model, batch: BatchedSequences) -> torch.Tensor:
+    """The bare minimum's log q(y_t), [B*G, R]: one forward keeping the response positions' logits (as the
+    probe keeps only those), log_softmax, gather."""
+    inputs = _forward_inputs(batch)
+    ids, P = inputs["input_ids"], batch.prompt_len
+    logits = model(**inputs, logits_to_keep=ids.shape[1] - P + 1).logits[:, :-1]
+    return logits.log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1)
+
+
 def bare_pass(
     processor: SequenceProcessor, rollouts: list[Rollout], grad_sums: list[torch.Tensor], one_prompt: bool = False
 ) -> float:
@@ -212,13 +227,8 @@ def bare_pass(
         for rows in slices:
             micro = rollout.select(rows)
             batch = micro.batch
-            ids, mask = batch.sequences.flatten(0, 1), batch.attention_masks.flatten(0, 1)
             with torch.enable_grad():
-                logits = model(
-                    input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                    logits_to_keep=ids.shape[1] - batch.prompt_len + 1, use_cache=False,
-                ).logits[:, :-1]  # fmt: skip
-                token_logprobs = logits.log_softmax(-1).gather(-1, ids[:, batch.prompt_len :, None]).squeeze(-1)
+                token_logprobs = bare_token_logprobs(model, batch)
                 S = (token_logprobs * batch.response_mask.flatten(0, 1)).sum(-1).view(batch.num_prompts, G)
                 if rollout.role == "E":  # L_X = -(1/G) Σ c_g S_g, c_g the LOO-centred S_g / L_max (dr_grpo)
                     weighted = S.detach() / micro.max_lengths[:, None]
@@ -472,12 +482,6 @@ def _repeated(batch: BatchedSequences, num_prompts: int) -> BatchedSequences:
     )  # fmt: skip
 
 
-def _forward_inputs(batch: BatchedSequences) -> dict:
-    ids, mask = batch.sequences.flatten(0, 1), batch.attention_masks.flatten(0, 1)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0),
-            "use_cache": False}  # fmt: skip
-
-
 def _microbatch_memory(bench: "Bench", rollouts: list[Rollout], sizes: list[int]) -> dict:
     """Tensor peaks (MiB) of one E microbatch's teacher forcing and backward into preallocated sums, for
     each size (sequences): the probe's, the bare pass's (which holds the logits), and the model's alone
@@ -503,12 +507,9 @@ def _microbatch_memory(bench: "Bench", rollouts: list[Rollout], sizes: list[int]
             add_gradient(terms.mean(1).sum())
             del tf, terms
         with tensor_peak(peaks, "bare"):
-            inputs = _forward_inputs(micro)
-            logits = model(**inputs, logits_to_keep=R + 1).logits[:, :-1]
-            targets = inputs["input_ids"][:, micro.prompt_len :, None]
-            logprobs = logits.log_softmax(-1).gather(-1, targets).squeeze(-1)
+            logprobs = bare_token_logprobs(model, micro)
             add_gradient((logprobs * micro.response_mask.flatten(0, 1)).sum())
-            del logits, logprobs
+            del logprobs
         with tensor_peak(peaks, "model_alone"):
             hidden = model.get_decoder()(**_forward_inputs(micro)).last_hidden_state
             add_gradient(hidden[:, micro.prompt_len - 1 : -1].sum())

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+from bench_probe import bare_token_logprobs  # the bench's bare pass (bench/ is on sys.path when run)
 from jsonargparse import CLI
 from torch.profiler import ProfilerActivity, profile
 
@@ -50,12 +51,7 @@ def main(prompts: int = 8, G: int = 4, max_new_tokens: int = 64, rounds: int = 2
 
     def bare():
         for micro in slices(16):
-            ids, mask = micro.sequences.flatten(0, 1), micro.attention_masks.flatten(0, 1)
-            logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                logits_to_keep=ids.shape[1] - micro.prompt_len + 1, use_cache=False,
-            ).logits[:, :-1]  # fmt: skip
-            log_q = logits.log_softmax(-1).gather(-1, ids[:, micro.prompt_len :, None]).squeeze(-1)
+            log_q = bare_token_logprobs(model, micro)
             (log_q * micro.response_mask.flatten(0, 1)).sum().backward()
         model.zero_grad(set_to_none=True)
 
