@@ -17,6 +17,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from probe_lightning.sampling import SeededSampler
+from probe_lightning.token_scores import log_q_and_entropy
 
 
 @dataclass
@@ -86,15 +87,11 @@ def decode(
     entropies = torch.zeros(N, max_new_tokens, dtype=torch.float32, device=device)
     length = 0
     for step in range(max_new_tokens):
-        scores = logits.float()
-        if warper:
-            scores = warper(None, scores)
-        log_q = scores.log_softmax(-1)
-        q = log_q.exp()
-        tokens = sampler.draw(q, active)
+        log_q, entropy = log_q_and_entropy(logits, warper)  # q exactly as teacher forcing computes it
+        tokens = sampler.draw(log_q.exp(), active)
         responses[active, step] = tokens
-        logprobs[active, step] = log_q.gather(-1, tokens[:, None]).squeeze(-1)
-        entropies[active, step] = -(q * log_q).nansum(-1)  # outside top-p: 0 · (−inf) counts as 0
+        logprobs[active, step] = log_q.gather(-1, tokens[:, None]).squeeze(-1).float()
+        entropies[active, step] = entropy.float()
         length = step + 1
         going = ~ends(active, tokens)
         if step + 1 == max_new_tokens or not going.any():

@@ -139,15 +139,20 @@ def _split(rows: int, *tensors: torch.Tensor):
 
 
 def _warp(logits: torch.Tensor, warper: LogitsProcessorList) -> torch.Tensor:
-    """The scores of q from [N, R, V] logits, in float32 or wider (transformers' warpers take [rows, V])."""
+    """The scores of q from [..., V] logits, in float32 or wider (transformers' warpers take [rows, V])."""
     scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return warper(None, scores.flatten(0, 1)).view_as(scores) if warper else scores
+    return warper(None, scores.reshape(-1, scores.shape[-1])).view_as(scores) if warper else scores
+
+
+def log_q_and_entropy(logits: torch.Tensor, warper: LogitsProcessorList) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q over the vocabulary, [..., V], and the entropy of q, [...], from [..., V] logits: what
+    generation samples from and teacher forcing scores with."""
+    logq = _warp(logits, warper).log_softmax(-1)
+    # Tokens outside the top-p set have q = 0, log q = -inf: their 0 * -inf = nan terms count as 0.
+    return logq, -(logq.exp() * logq).nansum(-1)
 
 
 def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList):
     """log q(target) and the entropy of q at each position, [N, R] from [N, R, V] logits."""
-    logq = _warp(logits, warper).log_softmax(-1)
-    token_logprobs = logq.gather(-1, targets[..., None]).squeeze(-1)
-    # Tokens outside the top-p set have q = 0, log q = -inf: their 0 * -inf = nan terms count as 0.
-    entropies = -(logq.exp() * logq).nansum(-1)
-    return token_logprobs, entropies
+    logq, entropies = log_q_and_entropy(logits, warper)
+    return logq.gather(-1, targets[..., None]).squeeze(-1), entropies
