@@ -7,10 +7,12 @@ work for it:
   instead of being fed padding until the longest response of the call ends;
 - each step draws one uniform number per row (inverse CDF), not a vocabulary of Gumbel noise;
 - it keeps log q of every drawn token and the entropy of q at every step, which teacher forcing would
-  give to float precision (the token_mean plug-ins need them before the E batch's backward).
+  give to float precision (the token_mean plug-ins need them before the E batch's backward);
+- on a CPU, its float32 linear layers multiply with oneDNN on weights packed once per call (packed_linears).
 """
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,37 @@ class ResponseEnds:
         return any(s in self.texts[row] for s in self.stop_strings)
 
 
+@contextmanager
+def packed_linears(model: torch.nn.Module, rows: int):
+    """For the duration, the model's float32 CPU nn.Linear layers multiply with oneDNN on a packed copy of their
+    weights (what torch.compile's CPU freezing does), for inference only; elsewhere nothing changes.
+
+    Why: torch's float32 CPU matmul is MKL's, which runs no AVX-512 code on AMD CPUs: at a decoding step's few
+    rows it reaches about 80 GFLOPS on this repository's 2-core machine, oneDNN about 350 (bench/sampling.py).
+    The products agree to float32 rounding (tests/test_decoding.py). rows: the rows a step multiplies, the
+    packing's hint. The packed copies (one more copy of the linear weights) live only inside the block.
+    """
+    linears = [
+        m for m in model.modules()
+        if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    ]  # fmt: skip
+    if not linears or not torch.backends.mkldnn.is_available():
+        yield
+        return
+    for linear in linears:
+        linear.forward = _packed_forward(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows),
+                                         linear.bias)  # fmt: skip
+    try:
+        yield
+    finally:
+        for linear in linears:
+            del linear.forward  # back to nn.Linear.forward
+
+
+def _packed_forward(packed_weight: torch.Tensor, bias: torch.Tensor | None):
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
 @torch.no_grad()
 def decode(
     model,
@@ -70,8 +103,7 @@ def decode(
     pad_token_id: int,
 ) -> Decoded:
     """G responses to each of the [B, P] left-padded prompts; sampler and ends have one row per response."""
-    B, P = prompt_ids.shape
-    N, device = B * G, prompt_ids.device
+    N, device = prompt_ids.shape[0] * G, prompt_ids.device
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,

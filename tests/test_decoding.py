@@ -1,9 +1,11 @@
 """The probe's own sampling loop (decoding.py) samples what model.generate samples, and scores it as teacher
 forcing does."""
 
+import pytest
 import torch
 from tiny_models import tiny_llama
 
+from probe_lightning.decoding import packed_linears
 from probe_lightning.sampling import GenerationConfig, SeededSampler
 from probe_lightning.sequence_processor import SequenceProcessor
 
@@ -51,6 +53,28 @@ def test_generation_scores_equal_teacher_forcing_with_temperature_and_top_p(toke
     torch.testing.assert_close(batch.token_logprobs, tf.token_logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(batch.token_entropies, tf.token_entropies, atol=1e-5, rtol=0)
     assert (batch.token_entropies[~mask] == 0).all() and (batch.token_entropies[mask] > 0).any()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_packed_linears_multiply_as_nn_linear_does_and_leave_the_model_as_it_was(tokenizer):
+    model = tiny_llama(tokenizer)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids.repeat(3, 1)
+    with torch.no_grad():
+        stock = model(ids).logits
+        with packed_linears(model, rows=3):
+            assert all("forward" in vars(linear) for linear in linears)  # every layer multiplies with oneDNN
+            packed = model(ids).logits
+        after = model(ids).logits
+    assert not any("forward" in vars(linear) for linear in linears)
+    torch.testing.assert_close(packed, stock, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, stock)
+
+
+def test_packed_linears_leave_float64_models_alone(tokenizer):
+    model = tiny_llama(tokenizer).double()
+    with packed_linears(model, rows=3):
+        assert not any("forward" in vars(m) for m in model.modules())
 
 
 def test_the_sampler_draws_from_q():
