@@ -62,7 +62,8 @@ class ResponseEnds:
 @contextmanager
 def packed_linears(model: torch.nn.Module, rows: int):
     """For the duration, the model's float32 CPU nn.Linear layers multiply with oneDNN on a packed copy of their
-    weights (what torch.compile's CPU freezing does), for inference only; elsewhere nothing changes.
+    weights (what torch.compile's CPU freezing does), for inference only; elsewhere (and under CPU autocast,
+    which casts nn.Linear's inputs itself) nothing changes.
 
     Why: torch's float32 CPU matmul is MKL's, which runs no AVX-512 code on AMD CPUs: at a decoding step's few
     rows it reaches about 80 GFLOPS on this repository's 2-core machine, oneDNN about 350 (bench/sampling.py).
@@ -73,7 +74,7 @@ def packed_linears(model: torch.nn.Module, rows: int):
         m for m in model.modules()
         if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
     ]  # fmt: skip
-    if not linears or not torch.backends.mkldnn.is_available():
+    if not linears or not torch.backends.mkldnn.is_available() or torch.is_autocast_enabled("cpu"):
         yield
         return
     for linear in linears:

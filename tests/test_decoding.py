@@ -71,9 +71,11 @@ def test_packed_linears_multiply_as_nn_linear_does_and_leave_the_model_as_it_was
     assert torch.equal(after, stock)
 
 
-def test_packed_linears_leave_float64_models_alone(tokenizer):
-    model = tiny_llama(tokenizer).double()
-    with packed_linears(model, rows=3):
+def test_packed_linears_leave_float64_models_and_autocast_alone(tokenizer):
+    model = tiny_llama(tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model, rows=3):
+        assert not any("forward" in vars(m) for m in model.modules())
+    with packed_linears(model.double(), rows=3):
         assert not any("forward" in vars(m) for m in model.modules())
 
 
