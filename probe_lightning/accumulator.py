@@ -6,6 +6,7 @@ import torch
 
 from probe_lightning.distributed import Collectives
 from probe_lightning.estimators import dot64
+from probe_lightning.token_scores import output_weight_gradients_into
 
 NamedParams = list[tuple[str, torch.Tensor]]
 
@@ -45,14 +46,17 @@ class ProbeSums:
         with a direction, also ⟨∇loss, direction⟩ (float64), taken from the same gradients.
 
         As in a plain loss.backward() into existing .grad, the whole gradient never exists at once
-        (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak).
-        The parameters' own .grad are left as they were.
+        (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak);
+        the output layer's weight gradient (head_token_scores) is added into its sum chunk by chunk and
+        never exists whole. The parameters' own .grad are left as they were.
         """
         saved_grads = [p.grad for p in self.params]
         along = [0.0]
 
         def add_into(total: torch.Tensor, toward: torch.Tensor | None):
             def hook(param: torch.Tensor) -> None:
+                if param.grad is None:  # an output weight whose gradient went into its sum (_IntoSum)
+                    return
                 total.add_(param.grad)
                 if toward is not None:
                     along[0] += dot64(param.grad, toward)
@@ -65,10 +69,12 @@ class ProbeSums:
             p.register_post_accumulate_grad_hook(add_into(total, toward))
             for p, total, toward in zip(self.params, sums, towards, strict=True)
         ]
+        sinks = {p: _IntoSum(total, toward, along) for p, total, toward in zip(self.params, sums, towards)}
         try:
             for p in self.params:
                 p.grad = None
-            loss.backward(inputs=self.params)
+            with output_weight_gradients_into(sinks):
+                loss.backward(inputs=self.params)
         finally:
             for handle in handles:
                 handle.remove()
@@ -113,3 +119,19 @@ class ProbeSums:
             kind = type(getattr(self.counts[role], name))
             setattr(self.counts[role], name, round(value) if kind is int else value)
         self.update_rewards = [r.cpu() for r in collectives.gather(torch.cat(self.update_rewards).cpu())]
+
+
+class _IntoSum:
+    """Where the output layer's backward adds its weight's gradient: the sum itself. With a direction, the
+    dot product that gradient adds is the sum's dot product after the additions less before."""
+
+    def __init__(self, total: torch.Tensor, toward: torch.Tensor | None, along: list[float]):
+        self.total, self.toward, self.along = total, toward, along
+
+    def __enter__(self) -> torch.Tensor:
+        self.before = dot64(self.total, self.toward) if self.toward is not None else 0.0
+        return self.total
+
+    def __exit__(self, *exc) -> None:
+        if self.toward is not None:
+            self.along[0] += dot64(self.total, self.toward) - self.before

@@ -6,6 +6,8 @@ q (docs/math.md) is softmax(z / temperature) then top-p truncation: transformers
 generate's order, so teacher forcing and generation always agree.
 """
 
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
 import torch
 from torch.autograd.function import once_differentiable
 from transformers import LogitsProcessorList
@@ -40,31 +42,57 @@ def head_token_scores(
 
 class _HeadScores(torch.autograd.Function):
     """(log q(y_t), H_t) from hidden states and the output weight, chunk by chunk; backward recomputes each
-    chunk's logits, so the only vocabulary-sized tensors are one chunk's."""
+    chunk's logits, so the only vocabulary-sized tensors are one chunk's. The weight's gradient goes into
+    the sum registered for it (output_weight_gradients_into), if any: no [V, H] gradient beside the
+    model's activations at the backward's peak."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, warper: LogitsProcessorList, rows_per_chunk: int):
-        ctx.save_for_backward(hidden, weight, targets)
-        ctx.warper, ctx.rows_per_chunk = warper, rows_per_chunk
+        ctx.warper, ctx.rows_per_chunk, ctx.weight_id = warper, rows_per_chunk, id(weight)
         ctx.set_materialize_grads(False)
         chunks = [_chunk_scores(_logits(h, weight), y, warper) for h, y in _split(rows_per_chunk, hidden, targets)]
-        return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+        entropies = torch.cat([ent for _, ent in chunks])
+        ctx.save_for_backward(hidden, weight, targets, entropies)
+        return torch.cat([lp for lp, _ in chunks]), entropies
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropies):
-        hidden, weight, targets = ctx.saved_tensors
+        hidden, weight, targets, entropies = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
         wide = torch.promote_types(weight.dtype, torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=wide)  # each chunk's share added in place: no [V, H] per chunk
-        grads = _chunked_grads(ctx.rows_per_chunk, grad_logprobs, grad_entropies)
-        for (h, y, out), (g, g_h) in zip(_split(ctx.rows_per_chunk, hidden, targets, grad_hidden), grads):
-            with torch.no_grad():
-                z = _logits(h, weight).to(wide)
-            grad_z = _logits_gradient(z, y, ctx.warper, g, g_h).flatten(0, 1)
-            out.copy_((grad_z.to(weight.dtype) @ weight).view_as(h))
-            grad_weight.addmm_(grad_z.T, h.flatten(0, 1).to(wide))
+        with _WEIGHT_SINKS.get(ctx.weight_id) or nullcontext() as sink:
+            grad_weight = None
+            if ctx.needs_input_grad[1]:  # each chunk's share added in place: no [V, H] per chunk
+                grad_weight = sink if sink is not None else torch.zeros_like(weight, dtype=wide)
+            grads = _chunked_grads(ctx.rows_per_chunk, grad_logprobs, grad_entropies)
+            chunks = _split(ctx.rows_per_chunk, hidden, targets, entropies, grad_hidden)
+            for (h, y, entropy, out), (g, g_h) in zip(chunks, grads):
+                with torch.no_grad():
+                    z = _logits(h, weight).to(wide)
+                grad_z = _logits_gradient(z, y, entropy, ctx.warper, g, g_h).flatten(0, 1)
+                out.copy_((grad_z.to(weight.dtype) @ weight).view_as(h))
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_z.T, h.flatten(0, 1).to(wide))
+        if sink is not None or grad_weight is None:
+            return grad_hidden, None, None, None, None
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+_WEIGHT_SINKS: dict[int, AbstractContextManager] = {}
+
+
+@contextmanager
+def output_weight_gradients_into(sinks: dict[torch.Tensor, AbstractContextManager]):
+    """Within the block, head_token_scores' backward adds its output weight's gradient into the tensor that
+    sinks[weight] yields on entering (entered once per backward, around the additions), chunk by chunk,
+    and gives autograd none for it. Weights not in sinks get their gradient from autograd as usual."""
+    _WEIGHT_SINKS.update({id(weight): sink for weight, sink in sinks.items()})
+    try:
+        yield
+    finally:
+        for weight in sinks:
+            del _WEIGHT_SINKS[id(weight)]
 
 
 class _TokenScores(torch.autograd.Function):
@@ -76,20 +104,22 @@ class _TokenScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, warper: LogitsProcessorList, rows_per_chunk: int):
-        ctx.save_for_backward(logits, targets)
         ctx.warper, ctx.rows_per_chunk = warper, rows_per_chunk
         ctx.set_materialize_grads(False)  # a None gradient for the entropies: the loss does not use them
         chunks = [_chunk_scores(z, y, warper) for z, y in _split(rows_per_chunk, logits, targets)]
-        return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+        entropies = torch.cat([ent for _, ent in chunks])
+        ctx.save_for_backward(logits, targets, entropies)
+        return torch.cat([lp for lp, _ in chunks]), entropies
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logprobs, grad_entropies):
-        logits, targets = ctx.saved_tensors
+        logits, targets, entropies = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
         grads = _chunked_grads(ctx.rows_per_chunk, grad_logprobs, grad_entropies)
-        for (z, y, out), (g, g_h) in zip(_split(ctx.rows_per_chunk, logits, targets, grad_logits), grads):
-            out.copy_(_logits_gradient(z, y, ctx.warper, g, g_h))
+        chunks = _split(ctx.rows_per_chunk, logits, targets, entropies, grad_logits)
+        for (z, y, entropy, out), (g, g_h) in zip(chunks, grads):
+            out.copy_(_logits_gradient(z, y, entropy, ctx.warper, g, g_h))
         return grad_logits, None, None, None
 
 
@@ -106,30 +136,32 @@ def _chunked_grads(rows: int, grad_logprobs: torch.Tensor | None, grad_entropies
     return [tuple(p[i] if p is not None else None for p in parts) for i in range(count)]
 
 
-def _logits_gradient(z, targets, warper, grad_logprobs, grad_entropies) -> torch.Tensor:
-    """d(Σ g·log q(y) + Σ g_H·H) / d z for one chunk of logits z, through the warper's own backward
-    (temperature, top-p mask), if any."""
+def _logits_gradient(z, targets, entropies, warper, grad_logprobs, grad_entropies) -> torch.Tensor:
+    """d(Σ g·log q(y) + Σ g_H·H) / d z for one chunk of logits z (H: the forward's entropies), through the
+    warper's own backward (temperature, top-p mask), if any."""
     with torch.enable_grad():
         z = z.detach().requires_grad_(bool(warper))
         scores = _warp(z, warper)
-    grad_scores = _grad_scores(scores.detach(), targets, grad_logprobs, grad_entropies)
+    grad_scores = _grad_scores(scores.detach(), targets, entropies, grad_logprobs, grad_entropies)
     return torch.autograd.grad(scores, z, grad_scores)[0] if warper else grad_scores
 
 
-def _grad_scores(scores, targets, grad_logprobs, grad_entropies) -> torch.Tensor:
-    """d(Σ g·log q(y) + Σ g_H·H) / d scores: g (onehot(y) − q) − g_H q (log q + H)."""
+def _grad_scores(scores, targets, entropies, grad_logprobs, grad_entropies) -> torch.Tensor:
+    """d(Σ g·log q(y) + Σ g_H·H) / d scores: g (onehot(y) − q) − g_H q (log q + H).
+
+    At most two vocabulary-sized buffers besides the scores (q, and log q, which becomes the gradient):
+    the chunk's working set is what teacher forcing holds above the model."""
     q = scores.softmax(-1)
-    if grad_logprobs is None:
-        grad = torch.zeros_like(q)
+    if grad_entropies is None:
+        grad = q.mul_(0.0) if grad_logprobs is None else q.mul_(-grad_logprobs[..., None].to(scores.dtype))
     else:
-        g = grad_logprobs[..., None].to(scores.dtype)
-        grad = q.mul(-g).scatter_add_(-1, targets[..., None], g)
-    if grad_entropies is not None:
         g_h = grad_entropies[..., None].to(scores.dtype)
-        logq = scores.log_softmax(-1)
-        entropy = -(q * logq).nansum(-1, keepdim=True)
-        # Outside the top-p set q = 0: its term is 0, not 0 · (−inf).
-        grad -= g_h * torch.where(q > 0, q * (logq + entropy), 0.0)
+        grad = scores.log_softmax(-1).add_(entropies[..., None].to(scores.dtype)).mul_(q).mul_(-g_h)
+        grad.masked_fill_(q == 0, 0.0)  # outside the top-p set q = 0: its term is 0, not 0 · (−inf)
+        if grad_logprobs is not None:
+            grad.addcmul_(q, grad_logprobs[..., None].to(scores.dtype), value=-1.0)
+    if grad_logprobs is not None:
+        grad.scatter_add_(-1, targets[..., None], grad_logprobs[..., None].to(scores.dtype))
     return grad
 
 
@@ -146,10 +178,10 @@ def _warp(logits: torch.Tensor, warper: LogitsProcessorList) -> torch.Tensor:
 
 def log_q_and_entropy(logits: torch.Tensor, warper: LogitsProcessorList) -> tuple[torch.Tensor, torch.Tensor]:
     """log q over the vocabulary, [..., V], and the entropy of q, [...], from [..., V] logits: what
-    generation samples from and teacher forcing scores with."""
+    generation samples from and teacher forcing scores with. One vocabulary-sized buffer besides log q."""
     logq = _warp(logits, warper).log_softmax(-1)
     # Tokens outside the top-p set have q = 0, log q = -inf: their 0 * -inf = nan terms count as 0.
-    return logq, -(logq.exp() * logq).nansum(-1)
+    return logq, -logq.exp().mul_(logq).nansum(-1)
 
 
 def _chunk_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList):
