@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from transformers import LogitsProcessorList
 
-_CHUNK_ELEMENTS = 1 << 22  # vocabulary-sized float32 work per chunk (16 MiB)
+_CHUNK_ELEMENTS = 3 << 20  # vocabulary-sized float32 work per chunk (12 MiB: 64 positions of a 49k vocabulary)
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList, with_grad: bool):
@@ -32,16 +32,20 @@ def head_token_scores(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, warper: LogitsProcessorList, with_grad: bool
 ):
     """As token_scores, from [N, R, H] final hidden states and the [V, H] output weight: no [N, R, V] logits
-    are ever held, only a chunk of about _CHUNK_ELEMENTS of them."""
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (hidden.shape[1] * weight.shape[0]))
+    are ever held, only a chunk of positions' logits of about _CHUNK_ELEMENTS, whatever N, R and V."""
+    N, R = targets.shape
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // weight.shape[0])
+    hidden, targets = hidden.reshape(N * R, hidden.shape[-1]), targets.reshape(N * R)
     if with_grad:
-        return _HeadScores.apply(hidden, weight, targets, warper, rows_per_chunk)
-    chunks = [_chunk_scores(_logits(h, weight), y, warper) for h, y in _split(rows_per_chunk, hidden, targets)]
-    return torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+        logprobs, entropies = _HeadScores.apply(hidden, weight, targets, warper, rows_per_chunk)
+    else:
+        chunks = [_chunk_scores(_logits(h, weight), y, warper) for h, y in _split(rows_per_chunk, hidden, targets)]
+        logprobs, entropies = torch.cat([lp for lp, _ in chunks]), torch.cat([ent for _, ent in chunks])
+    return logprobs.view(N, R), entropies.view(N, R)
 
 
 class _HeadScores(torch.autograd.Function):
-    """(log q(y_t), H_t) from hidden states and the output weight, chunk by chunk; backward recomputes each
+    """(log q(y_t), H_t) from [M, H] hidden states and the output weight, chunk by chunk; backward recomputes each
     chunk's logits, so the only vocabulary-sized tensors are one chunk's. The weight's gradient goes into
     the sum registered for it (output_weight_gradients_into), if any: no [V, H] gradient beside the
     model's activations at the backward's peak."""
@@ -70,10 +74,10 @@ class _HeadScores(torch.autograd.Function):
             for (h, y, entropy, out), (g, g_h) in zip(chunks, grads):
                 with torch.no_grad():
                     z = _logits(h, weight).to(wide)
-                grad_z = _logits_gradient(z, y, entropy, ctx.warper, g, g_h).flatten(0, 1)
-                out.copy_((grad_z.to(weight.dtype) @ weight).view_as(h))
+                grad_z = _logits_gradient(z, y, entropy, ctx.warper, g, g_h)
+                out.copy_(grad_z.to(weight.dtype) @ weight)
                 if grad_weight is not None:
-                    grad_weight.addmm_(grad_z.T, h.flatten(0, 1).to(wide))
+                    grad_weight.addmm_(grad_z.T, h.to(wide))
         if sink is not None or grad_weight is None:
             return grad_hidden, None, None, None, None
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None

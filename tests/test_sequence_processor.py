@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import tiny_llama
 
+from probe_lightning import token_scores
 from probe_lightning.sampling import GenerationConfig
 from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor
 
@@ -232,6 +233,29 @@ def test_teacher_forcing_keeps_no_vocabulary_sized_tensor_for_its_backward(token
         processor.teacher_force_logprobs(batch, with_grad=True)
     logits = batch.num_sequences * batch.response_mask.shape[-1] * len(tokenizer)  # one microbatch's [N, R, V]
     assert max(saved) <= 0.25 * logits, f"a saved tensor of {max(saved)} elements, logits {logits}"
+
+
+@pytest.mark.parametrize("budget_rows", [1, 5])
+def test_teacher_forcing_logits_exist_a_bounded_chunk_of_positions_at_a_time(tokenizer, monkeypatch, budget_rows):
+    """Whatever the sequences' length and the vocabulary, a chunk of logits (forward, and recomputed in the
+    backward) holds at most _CHUNK_ELEMENTS of them, a whole number of positions."""
+    processor = make_processor(tokenizer, max_new_tokens=12)
+    batch = processor.generate_batched(PROMPTS, G=2, seeds=list(range(6)))
+    vocabulary = len(tokenizer)
+    monkeypatch.setattr(token_scores, "_CHUNK_ELEMENTS", budget_rows * vocabulary)
+    shapes, logits = [], token_scores._logits
+
+    def recorded(hidden, weight):
+        z = logits(hidden, weight)
+        shapes.append(z.shape)
+        return z
+
+    monkeypatch.setattr(token_scores, "_logits", recorded)
+    tf = processor.teacher_force_logprobs(batch, with_grad=True)
+    (tf.token_logprobs.sum() + tf.token_entropies.sum()).backward()
+    positions = batch.num_sequences * batch.response_mask.shape[-1]
+    assert max(shape.numel() for shape in shapes) == budget_rows * vocabulary
+    assert sum(shape[0] for shape in shapes) == 2 * positions  # every position once forward, once backward
 
 
 class _LogitsPath(SequenceProcessor):
