@@ -9,7 +9,7 @@ up to their ends) and the ratio, and against what this machine's FLOPs allow: th
 the batch's rows with torch's default kernel (MKL on x86) and with oneDNN on a packed weight (what the loop
 uses on a CPU, decoding.packed_linears), and each method's model GFLOPS (2 x linear weights x token rows it
 computes, prefill included, per second). The loop saves the repeated prompt reads and the steps of ended
-rows; its kernel is the rest (MKL runs no AVX-512 code on AMD CPUs).
+rows; its kernel is the rest (torch's default, MKL, is slow on AMD CPUs).
 """
 
 import time

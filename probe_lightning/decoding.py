@@ -65,8 +65,9 @@ def packed_linears(model: torch.nn.Module, rows: int):
     weights (what torch.compile's CPU freezing does), for inference only; elsewhere (and under CPU autocast,
     which casts nn.Linear's inputs itself) nothing changes.
 
-    Why: torch's float32 CPU matmul is MKL's, which runs no AVX-512 code on AMD CPUs: at a decoding step's few
-    rows it reaches about 80 GFLOPS on this repository's 2-core machine, oneDNN about 350 (bench/sampling.py).
+    Why: torch's float32 CPU matmul is MKL's, which on AMD CPUs is slow: on this repository's 2-core AMD machine
+    it reaches about 80-115 GFLOPS at a decoding step's few rows (165 at most), oneDNN about 345
+    (bench/sampling.py).
     The products agree to float32 rounding (tests/test_decoding.py). rows: the rows a step multiplies, the
     packing's hint. The packed copies (one more copy of the linear weights) live only inside the block.
     """
