@@ -11,14 +11,15 @@ end, its standard error, contributions and covariance proxy included. On top of 
 only: B_E = B_U (its own sizes), the Trainer's logger, progress bar and checkpointing off, data.seed with
 --seed, and with --quick a smaller max_new_tokens. The bare minimum, in the same process and interleaved
 with the probe (probe, bare, bare, probe, ...), is one plain `model.generate` per batch, drawing with the
-probe's seeded sampler (so the same sequences, which is checked), then per teacher-forcing microbatch of
+probe's seeded sampler (the same sequences but where the loop's other matmul kernel moves a draw: the
+share drawn alike is reported), then, on the probe's sequences, per teacher-forcing microbatch of
 the probe (the same prompt slices: one prompt per forward over E with the standard error on)
 one forward (`logits_to_keep`: response positions only, as the probe), log_softmax, gather, a
 weighted sum of the sequence log-probs S (the seed's L_X or L_Y of docs/math.md: dr_grpo, A / L_max; the
 weights do not change the cost, so it is a floor for every entropy_target and estimator), and one
 backward into preallocated float32 gradient sums.
 
-The standard_error phase (one forward-mode pass over E and U: the SE, contributions) has no bare
+The standard_error phase (one forward-mode pass over U: the SE, contributions) has no bare
 counterpart: it is in the probe's total, and its share of that total is reported.
 
 Memory, MiB above each of the probe's timed phases (RunResults.timed) at its start:

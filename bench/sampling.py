@@ -71,7 +71,8 @@ def token_rows(batch, method: str, G: int) -> int:
 
 def output_layer_gflops(weight: torch.Tensor, rows: int, repeats: int = 10) -> dict[str, float]:
     """[rows, H] x [H, V] GFLOPS with torch's default kernel and with the loop's packed oneDNN one."""
-    x, layer = torch.randn(rows, weight.shape[1]), torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    x = torch.randn(rows, weight.shape[1])
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0], bias=False)
     layer.weight.data = weight
     result = {}
     for kernel in ("torch_default", "onednn_packed"):

@@ -157,7 +157,7 @@ def _grad_scores(scores, targets, entropies, grad_logprobs, grad_entropies) -> t
     the chunk's working set is what teacher forcing holds above the model."""
     q = scores.softmax(-1)
     if grad_entropies is None:
-        grad = q.mul_(0.0) if grad_logprobs is None else q.mul_(-grad_logprobs[..., None].to(scores.dtype))
+        grad = q.mul_(-grad_logprobs[..., None].to(scores.dtype))  # backward gets at least one gradient
     else:
         g_h = grad_entropies[..., None].to(scores.dtype)
         grad = scores.log_softmax(-1).add_(entropies[..., None].to(scores.dtype)).mul_(q).mul_(-g_h)
