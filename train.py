@@ -11,8 +11,11 @@ from probe_lightning.module import EntropyProbe
 
 class ProbeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        # The evaluation prompts of the true-change check are drawn when, and only when, there is a sweep.
-        parser.link_arguments("model.eta_sweep", "data.evaluate", compute_fn=bool)
+        # The evaluation prompts of the true change are drawn when, and only when, a sweep or a next checkpoint
+        # asks for it.
+        parser.link_arguments(
+            ("model.eta_sweep", "model.next_checkpoint"), "data.evaluate", compute_fn=lambda sweep, nxt: bool(sweep or nxt)
+        )
 
 
 def main(args: list[str] | None = None) -> None:

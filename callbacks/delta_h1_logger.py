@@ -9,10 +9,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from probe_lightning.contributions import ProbeContributions
-from probe_lightning.plots import counterfactual_figure, eta_sweep_figure
-from probe_lightning.probe import StepOutput
+from probe_lightning.plots import block_shares_figure, counterfactual_figure, eta_sweep_figure
+from probe_lightning.probe import ProbeVectors, StepOutput
 from probe_lightning.report import write_report
 from probe_lightning.results import ProbeResult, RunResults, write_json
+from probe_lightning.vectors import save_vectors
 
 
 def results_path(trainer: pl.Trainer) -> Path:
@@ -29,6 +30,7 @@ class DeltaH1Logger(pl.Callback):
 
     def on_predict_start(self, trainer, pl_module):
         self.path = results_path(trainer)
+        pl_module.results_folder = self.path.parent
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: StepOutput, batch, batch_idx, dataloader_idx=0):
         if outputs is None:  # this process failed; the probe's end raises its error on every process
@@ -61,6 +63,10 @@ class DeltaH1Logger(pl.Callback):
             self._log_sweep(trainer, result)
         if outputs.contributions is not None:
             self._write_tables(trainer, outputs.contributions, result.counterfactuals)
+        if outputs.vectors is not None:
+            self._write_vectors(result.probe_index, outputs.vectors)
+        if result.block_shares:
+            self._write_block_figure(result)
         _write(self.path, outputs.results.to_dict())
 
     @rank_zero_only
@@ -81,6 +87,20 @@ class DeltaH1Logger(pl.Callback):
             figure = counterfactual_figure(counterfactuals, f"probe {k}: δH₁ of a step on selected tokens only")
             figure.savefig(folder / f"counterfactuals_probe{k}.png")
             plt.close(figure)
+
+    @rank_zero_only
+    def _write_vectors(self, k: int, vectors: ProbeVectors) -> None:
+        path = self.path.with_name(f"vectors_probe{k}.safetensors")
+        save_vectors(path, vectors.keys, vectors.x_bar, vectors.grad_loss, vectors.update)
+        rank_zero_info(f"vectors: {path}")
+
+    @rank_zero_only
+    def _write_block_figure(self, result: ProbeResult) -> None:
+        k = result.probe_index
+        figure = block_shares_figure(result.block_shares, f"probe {k}: where in the network δH₁ comes from")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(self.path.with_name(f"block_shares_probe{k}.png"))
+        plt.close(figure)
 
     @rank_zero_only
     def _log_sweep(self, trainer, result: ProbeResult) -> None:
@@ -119,7 +139,23 @@ class DeltaH1Logger(pl.Callback):
                 f"{results['update']}, loss: {results['trainer']['loss_type']['value']}, "
                 f"mixed U prompts: {results['mixed_update_fraction']:.0%}){empty}"
             )
+        for probe in results["probes"]:
+            if probe.get("next_checkpoint"):
+                rank_zero_info(next_checkpoint_line(probe["probe_index"], probe["next_checkpoint"]))
         rank_zero_info(f"results: {self.path}")
+
+
+def next_checkpoint_line(k: int, nxt: dict) -> str:
+    """The prediction beside the trainer's real step, side by side, for the printed summary."""
+    along_se = nxt["delta_h_along_real_se"]
+    along = f"{nxt['delta_h_along_real']:.4g}" + (f" ± {along_se:.2g}" if along_se is not None else "")
+    line = (
+        f"probe {k} vs {nxt['path']} (k = {nxt['steps']} step{'s' if nxt['steps'] > 1 else ''}): "
+        f"δH₁ = {nxt['delta_h1']:.4g}, ⟨X̄, Δθ_real⟩ = {along}, true ΔH = {nxt['delta_h_true']:.4g} ± "
+        f"{nxt['delta_h_true_se']:.2g} (ESS {nxt['ess']:.1f}), covariance proxy = {nxt['covariance_proxy']:.4g}; "
+        f"cos(Δθ_pred, Δθ_real) = {nxt['cosine']:.6f}, ‖Δθ_pred‖/‖Δθ_real‖ = {nxt['norm_ratio']:.4g}"
+    )
+    return line + (f"  [{nxt['note']}]" if nxt.get("note") else "")
 
 
 @rank_zero_only

@@ -18,9 +18,10 @@ class RoleCounts:
     prompts: int = 0
     responses: int = 0
     tokens: int = 0
-    reward_sum: float = 0.0
+    scored_responses: int = 0  # responses with a reward (NaN: no reward function scored it)
+    reward_sum: float = 0.0  # over the scored responses
     entropy_sum: float = 0.0  # Σ H_t over every response token
-    mixed_prompts: int = 0  # prompts whose responses did not all get the same reward (non-zero advantages)
+    mixed_prompts: int = 0  # prompts whose scored responses did not all get the same reward (non-zero advantages)
 
 
 class ProbeSums:
@@ -37,13 +38,14 @@ class ProbeSums:
         self.sum_x = zeros()
         self.sum_y = zeros()
         self.counts = {"E": RoleCounts(), "U": RoleCounts()}
-        self.update_rewards: list[torch.Tensor] = []  # the U batch's [B, G] rewards (batch-scaled advantages)
+        # The U batch's scored rewards, flattened, NaN left out: their std is TRL's nanstd (scale_rewards batch).
+        self.update_rewards: list[torch.Tensor] = []
 
     def add_gradient(
-        self, sums: list[torch.Tensor], loss: torch.Tensor, direction: list[torch.Tensor] | None = None
-    ) -> float | None:
+        self, sums: list[torch.Tensor], loss: torch.Tensor, directions: list[list[torch.Tensor]] = ()
+    ) -> list[float]:
         """sums += ∇loss, each parameter's gradient added as soon as backward completes it, then dropped;
-        with a direction, also ⟨∇loss, direction⟩ (float64), taken from the same gradients.
+        with directions, also ⟨∇loss, d⟩ for each (float64), taken from the same gradients.
 
         As in a plain loss.backward() into existing .grad, the whole gradient never exists at once
         (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak);
@@ -51,20 +53,20 @@ class ProbeSums:
         never exists whole. The parameters' own .grad are left as they were.
         """
         saved_grads = [p.grad for p in self.params]
-        along = [0.0]
+        along = [0.0] * len(directions)
+        towards = [list(per_param) for per_param in zip(*directions)] or [[] for _ in self.params]
 
-        def add_into(total: torch.Tensor, toward: torch.Tensor | None):
+        def add_into(total: torch.Tensor, toward: list[torch.Tensor]):
             def hook(param: torch.Tensor) -> None:
                 if param.grad is None:  # an output weight whose gradient went into its sum (_IntoSum)
                     return
                 total.add_(param.grad)
-                if toward is not None:
-                    along[0] += dot64(param.grad, toward)
+                for i, d in enumerate(toward):
+                    along[i] += dot64(param.grad, d)
                 param.grad = None
 
             return hook
 
-        towards = direction if direction is not None else [None] * len(self.params)
         handles = [
             p.register_post_accumulate_grad_hook(add_into(total, toward))
             for p, total, toward in zip(self.params, sums, towards, strict=True)
@@ -80,7 +82,7 @@ class ProbeSums:
                 handle.remove()
             for p, grad in zip(self.params, saved_grads):
                 p.grad = grad
-        return along[0] if direction is not None else None
+        return along
 
     def count(self, role: str, rewards: torch.Tensor, token_entropies: torch.Tensor, response_mask: torch.Tensor):
         """Prompts, responses and tokens of one rollout ([B, G] rewards, [B, G, R] entropies and mask)."""
@@ -88,17 +90,21 @@ class ProbeSums:
         counts.prompts += rewards.shape[0]
         counts.responses += rewards.numel()
         counts.tokens += int(response_mask.sum().item())
-        counts.reward_sum += rewards.sum().item()
+        scored = rewards[~rewards.isnan()]
+        counts.scored_responses += scored.numel()
+        counts.reward_sum += scored.sum().item()
         counts.entropy_sum += token_entropies.sum().item()
-        counts.mixed_prompts += int((rewards.amax(1) > rewards.amin(1)).sum().item())
+        highest, lowest = rewards.nan_to_num(nan=-torch.inf).amax(1), rewards.nan_to_num(nan=torch.inf).amin(1)
+        counts.mixed_prompts += int((highest > lowest).sum().item())
         if role == "U":
-            self.update_rewards.append(rewards)
+            self.update_rewards.append(scored)
 
     @property
     def reward_mean(self) -> float:
-        """Over every response of the probe, E and U."""
+        """Over every scored response of the probe, E and U (TRL's nanmean); NaN if none was scored."""
         e, u = self.counts["E"], self.counts["U"]
-        return (e.reward_sum + u.reward_sum) / max(e.responses + u.responses, 1)
+        scored = e.scored_responses + u.scored_responses
+        return (e.reward_sum + u.reward_sum) / scored if scored else float("nan")
 
     @property
     def entropy_mean(self) -> float:
@@ -122,16 +128,16 @@ class ProbeSums:
 
 
 class _IntoSum:
-    """Where the output layer's backward adds its weight's gradient: the sum itself. With a direction, the
-    dot product that gradient adds is the sum's dot product after the additions less before."""
+    """Where the output layer's backward adds its weight's gradient: the sum itself. With directions, the
+    dot product that gradient adds along each is the sum's dot product after the additions less before."""
 
-    def __init__(self, total: torch.Tensor, toward: torch.Tensor | None, along: list[float]):
+    def __init__(self, total: torch.Tensor, toward: list[torch.Tensor], along: list[float]):
         self.total, self.toward, self.along = total, toward, along
 
     def __enter__(self) -> torch.Tensor:
-        self.before = dot64(self.total, self.toward) if self.toward is not None else 0.0
+        self.before = [dot64(self.total, d) for d in self.toward]
         return self.total
 
     def __exit__(self, *exc) -> None:
-        if self.toward is not None:
-            self.along[0] += dot64(self.total, self.toward) - self.before
+        for i, (d, before) in enumerate(zip(self.toward, self.before)):
+            self.along[i] += dot64(self.total, d) - before

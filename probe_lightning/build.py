@@ -3,7 +3,8 @@ once, and the run's settings recorded for results.json."""
 
 from probe_lightning.checkpoints import LoadedCheckpoint, trainable_parameters
 from probe_lightning.config import require
-from probe_lightning.optimizer_state import OptimizerState, load_optimizer_state, resolve_learning_rate
+from probe_lightning.next_checkpoint import load_next_checkpoint
+from probe_lightning.optimizer_state import load_optimizer_state, no_optimizer_state, resolve_learning_rate
 from probe_lightning.probe import Probe
 from probe_lightning.results import RunInfo, RunResults, run_notes
 from probe_lightning.rollout import RolloutMaker
@@ -11,6 +12,7 @@ from probe_lightning.sampling import GenerationConfig
 from probe_lightning.sequence_processor import SequenceProcessor
 from probe_lightning.settings import ProbeSettings
 from probe_lightning.update import UpdateGeometry
+from probe_lightning.vectors import weight_key
 
 
 def sampling_identity(config: GenerationConfig) -> dict:
@@ -30,11 +32,20 @@ def build_probe(
     elif settings.optimizer_state:
         optimizer = load_optimizer_state(settings.optimizer_state, named_params, settings.update != "identity")
     else:
-        optimizer = OptimizerState(None, None, "there is no checkpoint or optimizer_state to take it from")
+        optimizer = no_optimizer_state()
     learning_rate, source = resolve_learning_rate(settings.learning_rate, optimizer)
     device = processor.device
     states = None if optimizer.adam_states is None else [s.to(device) for s in optimizer.adam_states]
     geometry = UpdateGeometry.build(settings.update, learning_rate, states)
+    keys = [
+        weight_key(name, checkpoint.format, checkpoint.weight_prefix) if checkpoint else name
+        for name, _ in named_params
+    ]
+    next_checkpoint = None
+    if settings.next_checkpoint:  # settings require a checkpoint with it
+        next_checkpoint = load_next_checkpoint(
+            settings.next_checkpoint, settings.checkpoint, checkpoint, named_params, keys
+        )
     trainer = settings.trainer_settings
     info = RunInfo(
         model=settings.model,
@@ -52,6 +63,7 @@ def build_probe(
         checkpoint=settings.checkpoint,
         checkpoint_format=checkpoint.format if checkpoint else None,
         global_step=checkpoint.global_step if checkpoint else None,
+        next_checkpoint=settings.next_checkpoint,
         notes=run_notes(
             geometry.kind, settings.G, settings.G_E, settings.entropy_target, settings.estimator, trainer.loss_type
         ),
@@ -59,4 +71,4 @@ def build_probe(
     rollouts = RolloutMaker(
         processor, settings.sampling.use_sequence_processor, settings.G, settings.G_E, trainer.scale_rewards
     )
-    return Probe(processor, rollouts, named_params, geometry, settings, RunResults(info))
+    return Probe(processor, rollouts, named_params, geometry, settings, RunResults(info), keys, next_checkpoint)

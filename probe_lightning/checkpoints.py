@@ -63,6 +63,7 @@ class LoadedCheckpoint:
     format: str  # one of FORMATS
     optimizer: OptimizerState  # adam_states None when require_optimizer_state=False
     global_step: int | None  # optimizer steps taken in training, as the trainer recorded them
+    weight_prefix: str = ""  # a Lightning .ckpt's state_dict prefix of the model's weights ("model.")
 
 
 def trainable_parameters(model: nn.Module) -> NamedParams:
@@ -285,4 +286,5 @@ def _finish(
         format=checkpoint_format,
         optimizer=OptimizerState(adam_states, learning_rate, learning_rate_source),
         global_step=global_step,
+        weight_prefix=name_prefix,
     )

@@ -3,6 +3,8 @@
 Lightning runs the loop (devices, precision, loggers); the probe's state and math live in plain classes.
 """
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import torch
 
@@ -43,6 +45,8 @@ class EntropyProbe(pl.LightningModule):
         generation: GenerationConfig = GenerationConfig(),
         standard_error: bool = True,
         eta_sweep: list[float] | None = None,
+        save_vectors: bool = False,
+        next_checkpoint: str | None = None,
     ):
         """
         Args:
@@ -56,7 +60,8 @@ class EntropyProbe(pl.LightningModule):
             update: the update geometry (probe_lightning/update.py): identity (P = 1, plain SGD),
                 adam_precondition (Ȳ = P ∇J̄, the seed's) or adamw_step (Ȳ = the exact AdamW step Δθ, with
                 the trainer's clipping). None: adamw_step with an optimizer state, identity without.
-            learning_rate: η. None: the lr the checkpoint's optimizer would use for its next step.
+            learning_rate: η. None: the lr the checkpoint's optimizer would use for its next step, without a
+                checkpoint or optimizer_state TRL's default 1e-6.
             G: responses per update (U) prompt (TRL's num_generations); needs G >= 2, else every advantage
                 is 0. None: the checkpoint's, else TRL's default.
             G_E: responses per entropy (E) prompt; defaults to G. G_E = 1 drops the LOO baseline.
@@ -69,11 +74,16 @@ class EntropyProbe(pl.LightningModule):
                 contributions (one extra forward-mode pass over the probe's sequences).
             eta_sweep: learning rates at which to measure the true entropy change of the real step on a
                 fresh evaluation batch (data.B_V prompts), beside δH₁(η) and the covariance proxy. Empty: off.
+            save_vectors: write vectors_probe{k}.safetensors beside results.json: x_bar/NAME (X̄), grad_loss/NAME
+                (the trainer's loss gradient as its optimizer receives it) and update/NAME (the predicted Δθ),
+                NAME the parameter's key in the checkpoint's weights file.
+            next_checkpoint: a later checkpoint of the same run as `checkpoint`: the step the trainer really
+                took, held against the prediction (results.json's next_checkpoint, per probe).
         """
         super().__init__()
         self.settings = ProbeSettings(
             model, checkpoint, optimizer_state, update, learning_rate, G, G_E, entropy_target, estimator, trainer,
-            sampling, generation, standard_error, eta_sweep,
+            sampling, generation, standard_error, eta_sweep, save_vectors, next_checkpoint,
         )  # fmt: skip
         self.save_hyperparameters()
         self.policy = None
@@ -81,6 +91,7 @@ class EntropyProbe(pl.LightningModule):
         self.loaded_checkpoint: LoadedCheckpoint | None = None
         self.probe: Probe | None = None
         self.rollout_checks: list[RolloutCheck] = []
+        self.results_folder: Path | None = None  # where results.json goes, set by the callback that writes it
 
     def add_rollout_check(self, check: RolloutCheck) -> None:
         """Run `check` on every rollout before any of its gradient reaches the sums (BatchInvariants)."""
@@ -113,6 +124,11 @@ class EntropyProbe(pl.LightningModule):
             raise ProbeConfigError(
                 "the probe needs gradients but runs under torch.inference_mode: set trainer.inference_mode: false"
             )
+        require(
+            not self.settings.save_vectors or self.results_folder is not None,
+            "model.save_vectors true, but no callback writes this run's results (nowhere to put "
+            "vectors_probe{k}.safetensors): add callbacks.DeltaH1Logger to trainer.callbacks, as configs/sp.yaml does",
+        )
         self.probe = build_probe(self.processor, self.settings, self.loaded_checkpoint)
         self.probe.checks = self.rollout_checks
         self.probe.collectives = Collectives(self.trainer.world_size)

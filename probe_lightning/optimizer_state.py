@@ -16,6 +16,7 @@ from probe_lightning.preconditioning import AdamParamState, NamedParams, adam_st
 log = logging.getLogger(__name__)
 
 
+
 @dataclass
 class OptimizerState:
     """A saved optimizer as the probe uses it, from any source (checkpoint folder, .ckpt, bare file)."""
@@ -23,6 +24,11 @@ class OptimizerState:
     adam_states: list[AdamParamState] | None  # aligned with the trainable parameters; None when not loaded
     learning_rate: float | None  # the next step's lr from the saved param groups; None if absent or they differ
     learning_rate_source: str
+
+
+def no_optimizer_state() -> OptimizerState:
+    """No checkpoint or optimizer-state file: no Adam state, and η at TRL GRPOConfig's default, 1e-6."""
+    return OptimizerState(None, 1e-6, "default (TRL's GRPOConfig learning_rate: no checkpoint or optimizer_state)")
 
 
 def load_optimizer_state(path: str, named_params: NamedParams, load_states: bool = True) -> OptimizerState:

@@ -61,6 +61,23 @@ def counterfactual_figure(counterfactuals: dict, title: str) -> plt.Figure:
     return figure
 
 
+def block_shares_figure(shares: dict[str, float], title: str) -> plt.Figure:
+    """Each block's share of δH₁ (its tensors' ⟨X̄_k, Δθ_k⟩ summed), one horizontal bar per block, network order."""
+    names, values = list(shares), list(shares.values())
+    figure, axes = plt.subplots(figsize=(6.4, 1.4 + 0.28 * len(names)), dpi=100)
+    axes.barh(range(len(names)), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    axes.set_yticks(range(len(names)), names, fontsize=8)
+    axes.invert_yaxis()  # the embeddings on top, the output head at the bottom
+    axes.axvline(0.0, color="black", linewidth=0.8)
+    axes.locator_params(axis="x", nbins=4)
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1e"))
+    axes.set_xlabel("share of δH₁: ⟨X̄, Δθ⟩ over the block's parameters (nats)")
+    axes.set_title(title)
+    axes.grid(True, axis="x", alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
 def _percent(fraction: float) -> str:
     """20% for 0.2, with as many decimals as it takes (up to 3) for a selection that is neither none nor all
     of the tokens to read as neither 0% nor 100%: Clip-Cov keeps 99.98%."""

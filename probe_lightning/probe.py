@@ -18,13 +18,15 @@ from probe_lightning.contributions import ProbeContributions
 from probe_lightning.data import PromptBatch
 from probe_lightning.directional import directional_derivatives
 from probe_lightning.distributed import Collectives
+from probe_lightning.next_checkpoint import NextCheckpoint, step_agreement
 from probe_lightning.results import ProbeResult, RunResults
 from probe_lightning.rollout import Rollout, RolloutMaker
 from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
 from probe_lightning.settings import ProbeSettings
 from probe_lightning.trainer_loss import STD_EPS, clip_factor, token_coefficients
-from probe_lightning.true_change import covariance_proxy, eta_sweep
+from probe_lightning.true_change import covariance_proxy, eta_sweep, score, true_change
 from probe_lightning.update import UpdateGeometry
+from probe_lightning.vectors import block_shares, parameter_shares
 
 
 class RolloutCheck(Protocol):
@@ -47,6 +49,7 @@ class StepOutput:
     results: RunResults  # the run so far (settings, finished probes, timings, memory)
     finished: ProbeResult | None = None  # the probe this batch ended, if it ended one
     contributions: ProbeContributions | None = None  # that probe's response and token tables, if computed
+    vectors: "ProbeVectors | None" = None  # that probe's vectors, when model.save_vectors asks for them
 
 
 @dataclass
@@ -54,11 +57,23 @@ class ProbeVectors:
     """The last finished probe: X̄, ∇J̄ (scaled and clipped as the trainer would), Ȳ, and the scalars that
     turn a prompt's loss into its share of them."""
 
+    keys: list[str]  # each parameter's key in the checkpoint's weights file (vectors.weight_key)
     x_bar: list[torch.Tensor]
     grad_j: list[torch.Tensor]
     y_bar: list[torch.Tensor]
     x_weights: list[float]  # X(p) = Σ_k x_weights[k] ∇(entropy column k)
     update_scale: float  # ∇J(p) = update_scale · ∇(update piece): batch normalisers × clip factor
+    step_scale: float  # Δθ = step_scale · Ȳ: η, or 1 for adamw_step (Ȳ is Δθ)
+
+    @property
+    def grad_loss(self) -> list[torch.Tensor]:
+        """The trainer's loss gradient as its optimizer receives it (normalised, scaled, clipped): −∇J̄."""
+        return [-g for g in self.grad_j]
+
+    @property
+    def update(self) -> list[torch.Tensor]:
+        """Δθ of the predicted step at the run's η: θ_next − θ."""
+        return self.y_bar if self.step_scale == 1.0 else [self.step_scale * y for y in self.y_bar]
 
 
 class Probe:
@@ -70,10 +85,14 @@ class Probe:
         geometry: UpdateGeometry,
         settings: ProbeSettings,
         results: RunResults,
+        weight_keys: list[str] | None = None,
+        next_checkpoint: NextCheckpoint | None = None,
     ):
         self.processor = processor
         self.make_rollout = rollouts
         self.named_params = named_params
+        self.weight_keys = weight_keys or [name for name, _ in named_params]
+        self.next_checkpoint = next_checkpoint
         self.geometry = geometry
         self.settings = settings
         self.trainer = settings.trainer_settings
@@ -84,7 +103,8 @@ class Probe:
         # a_e = ⟨X(e), Ȳ⟩ comes with its own backward, as a dot product.
         self.held: list[Rollout] = []
         self.x_weights = [1.0]  # X(p) = ∇ Σ_k x_weights[k] (entropy column k)
-        self.entropy_derivatives: list[tuple[int, float]] = []  # (E prompt id, a_e), with the standard error
+        # (E prompt id, {direction: ⟨X(e), direction⟩}): a_e along Ȳ (the standard error), along Δθ_real
+        self.entropy_derivatives: list[tuple[int, dict[str, float]]] = []
         self.sums = ProbeSums(named_params)
         # This probe's microbatches (U, then E) with their scores at θ: for the directional-derivative pass,
         # the contributions, the covariance proxy and the η sweep; and its V batch for the sweep.
@@ -104,7 +124,8 @@ class Probe:
         self.collectives.raise_any(self.failure)
         finished = self.finish(batch.probe_index)
         contributions, self.contributions = self.contributions, None  # hand one probe's tables on, keep none
-        return replace(output, finished=finished, contributions=contributions)
+        vectors = self.vectors if self.settings.save_vectors else None
+        return replace(output, finished=finished, contributions=contributions, vectors=vectors)
 
     def _unless_failed(self, work):
         """work(), unless this process has failed; with several processes its error is held, not raised."""
@@ -183,24 +204,24 @@ class Probe:
         self.held.append(rollout)
         return StepOutput(rollout, token_logprobs.sum(-1), token_entropies, self.results)
 
-    def _entropy_pass(self, y_bar: list[torch.Tensor] | None) -> None:
-        """The held E rollouts into ΣX; with y_bar (the standard error) one prompt per forward, each giving
-        a_e = ⟨X(e), Ȳ⟩ as its gradient is added."""
+    def _entropy_pass(self, directions: dict[str, list[torch.Tensor]]) -> None:
+        """The held E rollouts into ΣX; with directions (Ȳ for the standard error, Δθ_real for the next
+        checkpoint) one prompt per forward, each giving ⟨X(e), direction⟩ as its gradient is added."""
         held, self.held = self.held, []
         for rollout in held:
-            self.accumulate(rollout, direction=y_bar)
+            self.accumulate(rollout, directions)
 
     def accumulate(
-        self, rollout: Rollout, direction: list[torch.Tensor] | None = None
+        self, rollout: Rollout, directions: dict[str, list[torch.Tensor]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY; a U
         rollout is also counted (E rollouts are counted when they are held).
-        direction (E only): one prompt per microbatch, and each prompt's ⟨X(e), direction⟩ kept."""
+        directions (E only): one prompt per microbatch, and each prompt's ⟨X(e), direction⟩ kept."""
         scored = []
         with self.results.timed(f"teacher_force_{'x' if rollout.role == 'E' else 'y'}"):
             batch = rollout.batch
             slices = self.processor.microbatches(batch.num_prompts, batch.num_responses_per_prompt)
-            if direction is not None:
+            if directions:
                 slices = [slice(b, b + 1) for b in range(batch.num_prompts)]
             for rows in slices:
                 micro = rollout.select(rows)
@@ -211,9 +232,9 @@ class Probe:
                     if rollout.role == "E":
                         columns = self.entropy_terms(micro, tf).mean(1).sum(0)
                         loss = columns @ columns.new_tensor(self.x_weights)
-                        along = self.sums.add_gradient(self.sums.sum_x, loss, direction)
-                        if direction is not None:
-                            self.entropy_derivatives.append((micro.prompt_ids[0], along))
+                        along = self.sums.add_gradient(self.sums.sum_x, loss, list((directions or {}).values()))
+                        if directions:
+                            self.entropy_derivatives.append((micro.prompt_ids[0], dict(zip(directions, along))))
                     else:
                         self.sums.add_gradient(self.sums.sum_y, self.update_loss(micro, tf).sum())
                 scored.append((micro, tf.detached()))
@@ -245,7 +266,12 @@ class Probe:
         if self.settings.entropy_target == "token_mean":
             require(e.tokens > 0, f"probe {probe_index}: every E response is empty, so token_mean is undefined")
             self.x_weights = estimators.token_mean_weights(e.entropy_sum, e.tokens, e.responses)
-        self._unless_failed(lambda: self._entropy_pass(y_bar if self.settings.standard_error else None))
+        directions = {"y_bar": y_bar} if self.settings.standard_error else {}
+        if self.next_checkpoint is not None:  # Δθ_real = θ′ − θ
+            directions["real_step"] = [
+                (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
+            ]
+        self._unless_failed(lambda: self._entropy_pass(directions))
         self.collectives.raise_any(self.failure)
         self.collectives.sum_(sums.sum_x)
         with self.results.timed("finish_probe"):
@@ -266,7 +292,15 @@ class Probe:
             mixed_update_fraction=u.mixed_prompts / B_U,
             covariance=self._covariance(),
         )
-        self.vectors = ProbeVectors(x_bar, grad_j, y_bar, self.x_weights, batch_scale * clip)
+        self.vectors = ProbeVectors(
+            self.weight_keys, x_bar, grad_j, y_bar, self.x_weights, batch_scale * clip, self.geometry.scale
+        )
+        shares = parameter_shares(self.weight_keys, x_bar, y_bar)
+        result.parameter_shares = {key: scale * share for key, share in shares.items()}
+        result.block_shares = block_shares(result.parameter_shares)
+        if self.next_checkpoint is not None:
+            with self.results.timed("next_checkpoint"):
+                result.next_checkpoint = self._against_next_checkpoint(result, directions["real_step"])
         contributions = None
         if self.settings.standard_error:
             with self.results.timed("standard_error"):
@@ -311,7 +345,7 @@ class Probe:
             if micro.role == "E":
                 local.add_rollout(micro, None, None, tf.token_logprobs, tf.token_entropies, self.processor.tokenizer)
         shares = self.collectives.gather((self.entropy_derivatives, torch.cat(b_u).cpu(), update_ids, local))
-        entropy = [pair for share in shares for pair in share[0]]
+        entropy = [(prompt_id, along["y_bar"]) for share in shares for prompt_id, along in share[0]]
         a_e = torch.tensor([a for _, a in entropy], dtype=torch.float64)
         b_u, update_ids = torch.cat([s[1] for s in shares]), [i for s in shares for i in s[2]]
         contributions = ProbeContributions.merge([s[3] for s in shares])
@@ -324,6 +358,40 @@ class Probe:
         result.top_tokens = contributions.top_tokens()
         result.counterfactuals = contributions.counterfactuals()
         return contributions
+
+    def _against_next_checkpoint(self, result: ProbeResult, real_step: list[torch.Tensor]) -> dict:
+        """The step the trainer really took, Δθ_real = θ′ − θ, beside the predicted one: the first-order change
+        along it, ⟨X̄, Δθ_real⟩ (SE over E prompts), the true change H(θ′) − H(θ) on the V batch, the
+        covariance proxy, and how well the two steps align."""
+        nxt, vectors = self.next_checkpoint, self.vectors
+        require(self.evaluation, "model.next_checkpoint needs an evaluation (V) batch: set data.evaluate true")
+        shares = self.collectives.gather([along["real_step"] for _, along in self.entropy_derivatives])
+        a_real = torch.tensor([a for share in shares for a in share], dtype=torch.float64)
+        rollouts, at_theta = [r for r, _ in self.evaluation], [tf for _, tf in self.evaluation]
+        at_next = {name: w for (name, _), w in zip(self.named_params, nxt.weights)}
+        v = true_change(
+            rollouts, at_theta, score(self.processor, rollouts, at_next), self.settings.entropy_target,
+            self.processor.config.max_new_tokens, self.collectives.gather,
+        )  # fmt: skip
+        comparison = {
+            "path": nxt.path,
+            "global_step": nxt.global_step,
+            "steps": nxt.steps,
+            "delta_h1": result.delta_h1,
+            "delta_h_along_real": estimators.dot(vectors.x_bar, real_step),
+            "delta_h_along_real_se": (a_real.std() / len(a_real) ** 0.5).item() if len(a_real) > 1 else None,
+            "delta_h_true": v.delta,
+            "delta_h_true_se": v.se,
+            "ess": v.ess,
+            "covariance_proxy": -self.geometry.learning_rate * result.covariance,
+            **step_agreement(self.weight_keys, vectors.update, real_step),
+        }
+        if nxt.steps > 1:
+            comparison["note"] = (
+                f"δH₁ predicts one optimizer step; the checkpoints are {nxt.steps} steps apart, so Δθ_real, "
+                "⟨X̄, Δθ_real⟩ and the true change span all of them"
+            )
+        return comparison
 
     def _covariance(self) -> float:
         """Cov(log π(y_t), A(y_t)) over the U batch's response tokens (the covariance proxy's)."""

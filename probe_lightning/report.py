@@ -118,6 +118,15 @@ def _probe_section(probe: dict, folder: Path, scale: float) -> str:
         parts.append(_image(sweep_png, f"probe {k}: true ΔH against η"))
         if probe.get("eta_sweep"):
             parts.append(_sweep_tables(probe["eta_sweep"], probe.get("eta_sweep_summary")))
+    if probe.get("next_checkpoint"):
+        parts.append(_next_checkpoint_section(probe["next_checkpoint"]))
+    blocks_png = folder / f"block_shares_probe{k}.png"
+    if probe.get("block_shares"):
+        parts.append("<h3>Where in the network δH₁ comes from: each block's share ⟨X̄, Δθ⟩</h3>")
+        parts.append(_image(blocks_png, f"probe {k}: δH₁ per block"))
+        rows = [[block, share, share / probe["delta_h1"] if probe["delta_h1"] else None]
+                for block, share in probe["block_shares"].items()]  # fmt: skip
+        parts.append(_table(["block", "share of δH₁", "fraction of δH₁"], rows))
     counterfactual_png = folder / f"counterfactuals_probe{k}.png"
     if probe.get("counterfactuals") or counterfactual_png.exists():
         parts.append("<h3>Counterfactual token selections: δH₁ of a step trained only on them</h3>")
@@ -132,6 +141,28 @@ def _probe_section(probe: dict, folder: Path, scale: float) -> str:
         parts.append("<h3>Top tokens by |contribution|</h3>")
         parts.append(_top_tokens_table(probe["top_tokens"], scale))
     parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _next_checkpoint_section(nxt: dict) -> str:
+    """The prediction beside the step the trainer really took (model.next_checkpoint)."""
+    steps = f"{nxt['steps']} optimizer step{'s' if nxt['steps'] > 1 else ''}"
+    parts = [f"<h3>Against the trainer's next checkpoint: {html.escape(str(nxt['path']))} ({steps} later)</h3>"]
+    if nxt.get("note"):
+        parts.append(f'<div class="warning">{html.escape(nxt["note"])}</div>')
+    rows = [
+        ["δH₁ (predicted step, first order)", nxt["delta_h1"], None],
+        ["⟨X̄, Δθ_real⟩ (the real step, first order)", nxt["delta_h_along_real"], nxt["delta_h_along_real_se"]],
+        ["true change H(θ′) − H(θ) (V batch)", nxt["delta_h_true"], nxt["delta_h_true_se"]],
+        ["covariance proxy −η Cov(log π, A)", nxt["covariance_proxy"], None],
+    ]
+    parts.append(_table(["entropy change", "nats", "SE"], rows))
+    agreement = [["cos(Δθ_pred, Δθ_real)", f"{nxt['cosine']:.6f}"], ["‖Δθ_pred‖ / ‖Δθ_real‖", nxt["norm_ratio"]],
+                 ["ESS of the true change", nxt["ess"]]]  # fmt: skip
+    parts.append(_table(["step agreement", "value"], agreement, "pairs"))
+    if nxt.get("least_aligned"):
+        rows = [[row["name"], row["cosine"], row["norm_ratio"]] for row in nxt["least_aligned"]]
+        parts.append(_table(["least aligned tensors", "cos", "‖pred‖ / ‖real‖"], rows))
     return "\n".join(parts)
 
 

@@ -49,6 +49,12 @@ class ProbeResult:
     top_responses: list[dict] | None = None  # the 10 responses with the largest |contribution|, with tokens
     top_tokens: list[dict] | None = None  # the 10 U tokens with the largest |contribution|
     counterfactuals: dict[str, dict] | None = None  # δH₁ of the step trained only on token selections
+    # ⟨X̄_k, Δθ_k⟩ per parameter tensor (by its checkpoint key) and summed per block (embeddings, each decoder
+    # layer, final norm, output head): where in the network δH₁ comes from; each set adds up to delta_h1
+    parameter_shares: dict[str, float] | None = None
+    block_shares: dict[str, float] | None = None
+    # model.next_checkpoint: the step the trainer really took beside the predicted one (Probe._against_next_checkpoint)
+    next_checkpoint: dict | None = None
 
 
 @dataclass
@@ -70,6 +76,7 @@ class RunInfo:
     checkpoint: str | None = None
     checkpoint_format: str | None = None  # hf_full, hf_lora or lightning
     global_step: int | None = None  # optimizer steps the checkpoint had taken
+    next_checkpoint: str | None = None  # a later checkpoint of the same run, to hold the prediction against
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed
     memory: dict[str, float] = field(default_factory=dict)  # MiB per phase, filled by MemoryMonitor

@@ -33,6 +33,8 @@ class ProbeSettings:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     standard_error: bool = True
     eta_sweep: list[float] | None = None
+    save_vectors: bool = False
+    next_checkpoint: str | None = None
     trainer_settings: TrainerSettings = field(init=False)
     trainer_sources: dict[str, str] = field(init=False)  # each trainer setting: config, checkpoint or default
 
@@ -49,7 +51,11 @@ class ProbeSettings:
             not (self.checkpoint and self.optimizer_state),
             "model.checkpoint and model.optimizer_state are both set: a checkpoint carries its own optimizer state",
         )
-        for name in ("checkpoint", "optimizer_state"):
+        require(
+            self.next_checkpoint is None or self.checkpoint,
+            "model.next_checkpoint needs model.checkpoint: the checkpoint whose next step is predicted",
+        )
+        for name in ("checkpoint", "optimizer_state", "next_checkpoint"):
             path = getattr(self, name)
             require(path is None or Path(path).exists(), f"model.{name}: no such file or folder {path!r}")
         require(
@@ -59,10 +65,6 @@ class ProbeSettings:
         )
         has_state = bool(self.checkpoint or self.optimizer_state) and self.update != "identity"
         self.update = resolve_update(self.update, has_state)
-        require(
-            self.learning_rate is not None or self.checkpoint or self.optimizer_state,
-            "model.learning_rate is not set and there is no checkpoint or optimizer_state to take it from",
-        )
         require(self.model is not None or self.checkpoint, "model.model is null and there is no model.checkpoint")
         trainer, G = self.trainer, self.G
         configured = {

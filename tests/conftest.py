@@ -1,3 +1,4 @@
+import json
 import sys
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helper modules: tiny_models, enumerable_world, probe_helpers
 
-from enumerable_world import save_world  # noqa: E402
+from enumerable_world import PROMPTS, save_world  # noqa: E402
 
 from probe_lightning.models import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 
@@ -23,6 +24,14 @@ def tokenizer():
 def world(tmp_path_factory) -> str:
     """The enumerable world (tests/enumerable_world.py) saved as a model folder."""
     return save_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> str:
+    """The enumerable world's prompts, ten times over, as a question/answer JSONL file."""
+    path = tmp_path_factory.mktemp("data") / "digits.jsonl"
+    path.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in PROMPTS * 10))
+    return str(path)
 
 
 @pytest.fixture(scope="session")

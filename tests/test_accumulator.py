@@ -1,5 +1,5 @@
 """ProbeSums.add_gradient: backward adds the loss's gradient into the sums, the output layer's weight gradient
-straight into its sum (no [V, H] gradient beside the activations), and its dot product with a direction."""
+straight into its sum (no [V, H] gradient beside the activations), and its dot products with directions."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ PROMPTS = ["Hi", "What is 2 + 2? Think step by step and explain."]
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_add_gradient_adds_the_gradient_and_its_dot_product_with_a_direction(tokenizer, tied, monkeypatch):
+def test_add_gradient_adds_the_gradient_and_its_dot_products_with_directions(tokenizer, tied, monkeypatch):
     model = tiny_llama(tokenizer, eos_scale=3.0).double()
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -34,17 +34,18 @@ def test_add_gradient_adds_the_gradient_and_its_dot_product_with_a_direction(tok
     start = [torch.randn_like(total) for total in sums.sum_x]  # sums that already hold other prompts
     for total, value in zip(sums.sum_x, start):
         total.copy_(value)
-    direction = [torch.randn_like(p) for p in params]
+    directions = [[torch.randn_like(p) for p in params] for _ in range(2)]
     entered = []
     enter = accumulator._IntoSum.__enter__
     monkeypatch.setattr(accumulator._IntoSum, "__enter__", lambda self: entered.append(self) or enter(self))
 
-    along = sums.add_gradient(sums.sum_x, loss(), direction)
+    along = sums.add_gradient(sums.sum_x, loss(), directions)
 
     head = next(i for i, p in enumerate(params) if p is model.lm_head.weight)
     assert [sink.total is sums.sum_x[head] for sink in entered] == [True]  # entered once, for the output layer
     for total, value, grad in zip(sums.sum_x, start, expected):
         torch.testing.assert_close(total - value, grad, rtol=1e-9, atol=1e-12)
-    assert along == pytest.approx(sum(torch.vdot(g.flatten(), d.flatten()).item() for g, d in zip(expected, direction)),
-                                  rel=1e-9)  # fmt: skip
+    for value, direction in zip(along, directions, strict=True):
+        dot = sum(torch.vdot(g.flatten(), d.flatten()).item() for g, d in zip(expected, direction))
+        assert value == pytest.approx(dot, rel=1e-9)
     assert all(p.grad is None for p in params)
