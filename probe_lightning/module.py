@@ -63,7 +63,7 @@ class EntropyProbe(pl.LightningModule):
             learning_rate: η. None: the lr the checkpoint's optimizer would use for its next step, without a
                 checkpoint or optimizer_state TRL's default 1e-6.
             G: responses per update (U) prompt (TRL's num_generations); needs G >= 2, else every advantage
-                is 0. None: the checkpoint's, else TRL's default.
+                is 0. None: the checkpoint's, else 4 (training_args.PROBE_DEFAULTS).
             G_E: responses per entropy (E) prompt; defaults to G. G_E = 1 drops the LOO baseline.
             entropy_target: the entropy whose change δH₁ predicts: token_mean (what trainers log),
                 budget, per_token_avg, or dr_grpo (the seed's −S/L_max, biased when lengths vary).

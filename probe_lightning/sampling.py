@@ -17,7 +17,7 @@ from probe_lightning.config import require
 class GenerationConfig:
     """How responses are sampled. pad/eos ids left as None are taken from the tokenizer."""
 
-    max_new_tokens: int | None = None  # TRL's max_completion_length; None: the checkpoint's, else TRL's default
+    max_new_tokens: int | None = None  # TRL's max_completion_length; None: the checkpoint's, else 64
     temperature: float = 1.0
     top_p: float = 1.0
     pad_token_id: int | None = None

@@ -78,11 +78,17 @@ def read_training_args(folder: str | Path) -> dict[str, object] | None:
     return values
 
 
+# Without a checkpoint folder there is no trainer to follow: the probe's own defaults stand in for TRL's
+# num_generations 8 and max_completion_length, so a first run is cheap (G = 4 already gives mixed outcomes
+# on the built-in task). With a checkpoint, its training_args.bin (else TRL's defaults) decide.
+PROBE_DEFAULTS = {"num_generations": 4, "max_completion_length": 64}
+
+
 def resolve_trainer_settings(
     config_values: dict[str, object | None], checkpoint_folder: str | Path | None
 ) -> tuple[TrainerSettings, dict[str, str]]:
     """TrainerSettings and each value's source: "config" (not None in config_values) over "checkpoint" over
-    "default" (TRL's GRPOConfig default). A checkpoint folder whose training_args.bin is missing or unreadable
+    "default" (TRL's GRPOConfig default; without a checkpoint folder, PROBE_DEFAULTS for the batch shape). A checkpoint folder whose training_args.bin is missing or unreadable
     gives one warning listing every value assumed by default. Unclipped training: max_grad_norm 0 in config.
     """
     unknown = set(config_values) - set(SETTING_NAMES)
@@ -96,7 +102,7 @@ def resolve_trainer_settings(
             problem = f"{error}; the file was not loaded"
         if saved is None:
             saved, problem = {}, f"no {TRAINING_ARGS_FILE} in {checkpoint_folder}"
-    defaults = asdict(TrainerSettings())
+    defaults = asdict(TrainerSettings()) | (PROBE_DEFAULTS if checkpoint_folder is None else {})
     values, sources = {}, {}
     for name in SETTING_NAMES:
         if config_values.get(name) is not None:

@@ -112,10 +112,12 @@ def test_a_missing_file_gives_trl_defaults_and_one_warning(tmp_path, caplog):
     assert "no training_args.bin in" in record.message
 
 
-def test_no_checkpoint_gives_trl_defaults_silently(caplog):
+def test_no_checkpoint_gives_trl_defaults_and_the_probes_batch_shape_silently(caplog):
     with caplog.at_level(logging.WARNING, logger="probe_lightning.training_args"):
         settings, sources = resolve_trainer_settings({"num_generations": None}, None)
-    assert settings == TrainerSettings(loss_type="dapo", scale_rewards="group", max_grad_norm=1.0)
+    assert settings == TrainerSettings(
+        loss_type="dapo", scale_rewards="group", max_grad_norm=1.0, num_generations=4, max_completion_length=64
+    )
     assert set(sources.values()) == {"default"}
     assert caplog.records == []
 
