@@ -210,12 +210,15 @@ def _weighted_scores_gradient(model, tokenizer, config, batch) -> torch.Tensor:
     return torch.cat([g.flatten().double() for g in torch.autograd.grad(loss, list(model.parameters()))])
 
 
-def test_teacher_forcing_gradients_are_within_1e_5_of_a_float64_copy(tokenizer):
+def test_teacher_forcing_gradients_are_within_float32_rounding_of_a_float64_copy(tokenizer):
+    """float32 rounding alone puts a whole forward and backward of this model ~1e-5 (relative L2) from float64:
+    measured 9.7e-6 on one CPU and 1.05e-5 on another, the same through the plain logits path. 3e-5 leaves
+    room for other CPUs' kernels; a mistake in the chunked computation shows at 1e-3 and more."""
     processor = make_processor(tokenizer, max_new_tokens=12, temperature=0.9, top_p=0.95)
     batch = processor.generate_batched(PROMPTS, G=2, seeds=list(range(6)))
     single = _weighted_scores_gradient(processor.model, tokenizer, processor.config, batch)
     double = _weighted_scores_gradient(copy.deepcopy(processor.model).double(), tokenizer, processor.config, batch)
-    assert ((single - double).norm() / double.norm()).item() < 1e-5
+    assert ((single - double).norm() / double.norm()).item() < 3e-5
 
 
 def test_teacher_forcing_keeps_no_vocabulary_sized_tensor_for_its_backward(tokenizer):
