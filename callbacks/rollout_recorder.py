@@ -46,10 +46,12 @@ class RolloutRecorder(pl.Callback):
     @rank_zero_only
     def _start(self, trainer, pl_module, data) -> None:
         hp = data.hparams
-        settings = {key: hp[key] for key in ("source", "path", "B_E", "B_U", "B_V", "evaluate", "num_probes", "seed")}
+        keys = ("source", "path", "B_E", "B_U", "B_V", "evaluate", "num_probes", "seed", "reward_fn", "reward_weights")
+        settings = {key: hp[key] for key in keys}
         settings["rollout_batch_size"] = data.batch_config.rollout_batch_size
         self.folder = results_path(trainer).with_name("rollouts")
-        rollout_store.write_identity(self.folder, run_identity(pl_module) | {"data": settings})
+        roles = ["E", "V", "U"] if hp.evaluate else ["E", "U"]
+        rollout_store.write_identity(self.folder, run_identity(pl_module) | {"roles": roles, "data": settings})
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: StepOutput, batch, batch_idx, dataloader_idx=0):
         if self.folder is None:

@@ -7,6 +7,7 @@ from probe_lightning.next_checkpoint import load_next_checkpoint
 from probe_lightning.optimizer_state import load_optimizer_state, no_optimizer_state, resolve_learning_rate
 from probe_lightning.probe import Probe
 from probe_lightning.results import RunInfo, RunResults, run_notes
+from probe_lightning.reward_functions import RewardFunctions
 from probe_lightning.rollout import RolloutMaker
 from probe_lightning.sampling import GenerationConfig
 from probe_lightning.sequence_processor import SequenceProcessor
@@ -22,9 +23,13 @@ def sampling_identity(config: GenerationConfig) -> dict:
 
 
 def build_probe(
-    processor: SequenceProcessor, settings: ProbeSettings, checkpoint: LoadedCheckpoint | None = None
+    processor: SequenceProcessor,
+    settings: ProbeSettings,
+    checkpoint: LoadedCheckpoint | None = None,
+    rewards: RewardFunctions | None = None,
 ) -> Probe:
-    """A Probe over the processor's model: its optimizer state, η and update geometry resolved once."""
+    """A Probe over the processor's model: its optimizer state, η and update geometry resolved once; rewards:
+    the run's reward functions (the DataModule's), None: the built-in answer match."""
     named_params = trainable_parameters(processor.model)
     require(named_params, f"model {settings.model!r} has no trainable parameters")
     if checkpoint is not None:
@@ -69,6 +74,6 @@ def build_probe(
         ),
     )
     rollouts = RolloutMaker(
-        processor, settings.sampling.use_sequence_processor, settings.G, settings.G_E, trainer.scale_rewards
+        processor, settings.sampling.use_sequence_processor, settings.G, settings.G_E, trainer.scale_rewards, rewards
     )
     return Probe(processor, rollouts, named_params, geometry, settings, RunResults(info), keys, next_checkpoint)

@@ -129,7 +129,8 @@ class EntropyProbe(pl.LightningModule):
             "model.save_vectors true, but no callback writes this run's results (nowhere to put "
             "vectors_probe{k}.safetensors): add callbacks.DeltaH1Logger to trainer.callbacks, as configs/sp.yaml does",
         )
-        self.probe = build_probe(self.processor, self.settings, self.loaded_checkpoint)
+        rewards = getattr(self.trainer.datamodule, "rewards", None)  # the DataModule's reward functions
+        self.probe = build_probe(self.processor, self.settings, self.loaded_checkpoint, rewards)
         self.probe.checks = self.rollout_checks
         self.probe.collectives = Collectives(self.trainer.world_size)
         self.probe.results.info.world_size = self.trainer.world_size

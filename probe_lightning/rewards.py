@@ -1,7 +1,13 @@
-"""Verifiable rewards: extract the final answer from a response and compare it numerically with the reference."""
+"""Verifiable rewards: extract the final answer from a response and compare it numerically with the reference.
+
+The built-in reward (the default when no data.reward_fn is given) is `AnswerMatch`, a reward function with
+TRL's signature, so the probe calls it exactly as it calls the user's (reward_functions.py).
+"""
 
 import math
 import re
+
+from probe_lightning.problems import final_answer
 
 ANSWER_TOLERANCE = 1e-6
 
@@ -51,3 +57,20 @@ def correctness_reward(response: str, answer: str) -> float:
         # An answer tag holding words around the number ("18 dollars", "x = 18") counts its last number.
         predicted = last_number(predicted)
     return 1.0 if numbers_equal(predicted, answer) else 0.0
+
+
+class AnswerMatch:
+    """The built-in answer match as a TRL reward function: 1.0 where a completion's final answer equals the row's
+    reference answer (the data set's column `column`; "...#### 42" counts 42), else 0.0."""
+
+    def __init__(self, column: str = "answer"):
+        self.column = column
+        self.__name__ = "answer_match" if column == "answer" else f"answer_match[{column}]"
+
+    def __call__(self, prompts: list, completions: list, **columns) -> list[float]:
+        texts = [completion if isinstance(completion, str) else completion[-1]["content"] for completion in completions]
+        references = columns[self.column]
+        return [correctness_reward(text, final_answer(str(reference))) for text, reference in zip(texts, references)]
+
+
+answer_match = AnswerMatch()  # for a TRL GRPOTrainer: reward_funcs=[answer_match]

@@ -4,7 +4,10 @@
 - the SequenceProcessor path (default): batched generation, lengths and masks straight from it;
 - the seed's legacy path: one model.generate(num_return_sequences=G) per rollout batch, L_max from
   re-tokenised text (kept to reproduce the seed's numbers).
-A replayed batch (data.rollouts) brings its saved responses; they are scored exactly as fresh ones.
+Both generate from the prompts' token ids as TRL's GRPOTrainer makes them (data.prompt_token_ids), and the
+run's reward functions score the responses as TRL's trainer calls them (reward_functions.py).
+A replayed batch (data.rollouts) brings its saved responses and the rewards saved with them (re-scored with
+data.rescore).
 """
 
 from dataclasses import dataclass, replace
@@ -13,8 +16,8 @@ import numpy as np
 import torch
 
 from probe_lightning.config import ScaleRewards, require
-from probe_lightning.data import PromptBatch, format_prompt
-from probe_lightning.rewards import correctness_reward
+from probe_lightning.data import PromptBatch, prompt_token_ids
+from probe_lightning.reward_functions import RewardFunctions
 from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor
 from probe_lightning.trainer_loss import advantages
 
@@ -25,7 +28,7 @@ class Rollout:
 
     prompts: PromptBatch
     batch: BatchedSequences
-    rewards: torch.Tensor  # [B, G] float32
+    rewards: torch.Tensor  # [B, G] float32, NaN where no reward function scored the response
     advantages: torch.Tensor  # [B, G] A_g = r_g - mean r, divided by the group's std + 1e-4 if scale_rewards group
     max_lengths: torch.Tensor  # [B] float32 L_max(p) >= 1
     use_sequence_processor: bool
@@ -62,19 +65,27 @@ def sample_seed(prompts: PromptBatch, prompt_id: int, response: int) -> int:
 
 
 class RolloutMaker:
-    """PromptBatch -> Rollout: chat-formatted prompts, G samples each from q, rewards, advantages.
+    """PromptBatch -> Rollout: prompts tokenized as TRL does, G samples each from q, rewards, advantages.
 
     scale_rewards "batch" divides by the whole U batch's reward std, known only when the probe ends:
     its rollouts carry r - mean r and the probe applies the factor to ∇J̄.
     """
 
     def __init__(
-        self, processor: SequenceProcessor, use_sequence_processor: bool, G: int, G_E: int, scale_rewards: ScaleRewards
+        self,
+        processor: SequenceProcessor,
+        use_sequence_processor: bool,
+        G: int,
+        G_E: int,
+        scale_rewards: ScaleRewards,
+        rewards: RewardFunctions | None = None,
     ):
+        """rewards: the run's reward functions (the DataModule's); None: the built-in answer match."""
         self.processor = processor
         self.use_sequence_processor = use_sequence_processor
         self.G, self.G_E = G, G_E
         self.scale_rewards = "group" if scale_rewards == "group" else "none"
+        self.rewards = RewardFunctions() if rewards is None else rewards
 
     def num_samples(self, role: str) -> int:
         """G for update prompts, G_E for entropy and evaluation prompts."""
@@ -87,12 +98,8 @@ class RolloutMaker:
         else:
             max_lengths = self._retokenised_max_lengths(batch)
         device = batch.sequences.device
-        rewards = torch.tensor(
-            [[correctness_reward(text, answer) for text in texts]
-             for texts, answer in zip(batch.responses_text, prompts.answers)],
-            dtype=torch.float32,
-            device=device,
-        )  # fmt: skip
+        rewards = prompts.saved_rewards if prompts.saved_rewards is not None else self.score(prompts, batch)
+        rewards = rewards.to(device=device, dtype=torch.float32)
         return Rollout(
             prompts=prompts,
             batch=batch,
@@ -101,6 +108,16 @@ class RolloutMaker:
             max_lengths=max_lengths.to(device=device, dtype=torch.float32),
             use_sequence_processor=self.use_sequence_processor,
         )
+
+    def score(self, prompts: PromptBatch, batch: BatchedSequences) -> torch.Tensor:
+        """[B, G] rewards of the batch's responses: their texts and token ids (EOS included, no padding), as TRL
+        hands them to its reward functions."""
+        P, responses = batch.prompt_len, batch.sequences.tolist()
+        completion_ids = [
+            [sequence[P : P + length] for sequence, length in zip(sequences, lengths)]
+            for sequences, lengths in zip(responses, batch.gen_lens)
+        ]
+        return self.rewards.score(prompts, batch.responses_text, completion_ids)
 
     def _on_device(self, batch: BatchedSequences) -> BatchedSequences:
         """Replayed responses (read on the CPU) where the model is."""
@@ -113,23 +130,22 @@ class RolloutMaker:
 
     def _generate(self, prompts: PromptBatch) -> BatchedSequences:
         G = self.num_samples(prompts.role)
-        texts = [format_prompt(self.processor.tokenizer, q) for q in prompts.questions]
-        self._check_prompt_lengths(texts, prompts.prompt_ids)
+        token_ids = [prompt_token_ids(self.processor.tokenizer, prompt) for prompt in prompts.prompts]
+        self._check_prompt_lengths(token_ids, prompts.prompt_ids)
         if self.use_sequence_processor:
             seeds = [sample_seed(prompts, prompt_id, g) for prompt_id in prompts.prompt_ids for g in range(G)]
-            return self.processor.generate_batched(texts, G, seeds=seeds)
-        return self._legacy_generate(texts, G)
+            return self.processor.generate_batched(token_ids, G, seeds=seeds)
+        return self._legacy_generate(token_ids, G)
 
     @torch.no_grad()
-    def _legacy_generate(self, prompts: list[str], G: int) -> BatchedSequences:
+    def _legacy_generate(self, token_ids: list[list[int]], G: int) -> BatchedSequences:
         """The seed's path: prompt_lens is the padded prompt length."""
-        processor, tokenizer = self.processor, self.processor.tokenizer
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(processor.device)
+        processor = self.processor
+        ids, mask = processor.encode_prompts(token_ids)
         # The seed's own call, sampling with torch's global generator: one process only (module.py)
-        out = processor.sample(encoded.input_ids, encoded.attention_mask, num_return_sequences=G)
-        prompt_len = encoded.input_ids.shape[1]
-        prompt_mask = encoded.attention_mask.repeat_interleave(G, dim=0)
-        return processor.assemble(out[:, :prompt_len], prompt_mask, out[:, prompt_len:], G)
+        out = processor.sample(ids, mask, num_return_sequences=G)
+        prompt_len = ids.shape[1]
+        return processor.assemble(out[:, :prompt_len], mask.repeat_interleave(G, dim=0), out[:, prompt_len:], G)
 
     def _retokenised_max_lengths(self, batch: BatchedSequences) -> torch.Tensor:
         """The seed's L_max: from re-tokenising the decoded responses, which can differ from the generated
@@ -138,13 +154,12 @@ class RolloutMaker:
         retokenised = [len(self.processor.tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
         return torch.tensor(retokenised).view(batch.num_prompts, -1).max(dim=1).values.clamp(min=1)
 
-    def _check_prompt_lengths(self, prompts: list[str], prompt_ids: list[int]) -> None:
+    def _check_prompt_lengths(self, token_ids: list[list[int]], prompt_ids: list[int]) -> None:
         context = getattr(self.processor.model.config, "max_position_embeddings", None)
         if context is None:
             return
         max_new_tokens = self.processor.config.max_new_tokens
-        lengths = [len(ids) for ids in self.processor.tokenizer(prompts, add_special_tokens=False).input_ids]
-        for length, prompt_id in zip(lengths, prompt_ids):
+        for length, prompt_id in zip(map(len, token_ids), prompt_ids):
             require(
                 length + max_new_tokens <= context,
                 f"prompt {prompt_id} has {length} tokens + generation.max_new_tokens "

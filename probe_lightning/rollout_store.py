@@ -1,13 +1,16 @@
 """Saved rollouts (data.save_rollouts, data.rollouts): the on-disk format and the identity a replay must match.
 
 A run's `rollouts/` folder, beside its results.json, holds
-- identity.json: what the samples depend on (model, checkpoint, G, G_E, generation path, sampling settings)
-  and, for the record, the data settings that drew the prompts;
+- identity.json: what the samples depend on (model, checkpoint, G, G_E, generation path, sampling settings),
+  the roles saved ("roles") and, for the record, the data settings that drew the prompts;
 - probe_<k>/: probe k's rollouts as a `datasets` folder (`datasets.load_from_disk`), one row per prompt,
-  in the order the probe consumed them.
+  in the order the probe consumed them, with the rewards they were given.
+
+A folder may hold U batches alone ("roles": ["U"]), e.g. a trainer's real batch written with `rollout_rows` and
+`save_probe` by another tool; a replay then draws and samples each probe's E (and V) batches itself, and
+identity entries that tool cannot know (G_E) are null, which a replay does not check.
 """
 
-import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +49,9 @@ FEATURES = datasets.Features(
         "attention_masks": datasets.List(datasets.List(datasets.Value("int8"))),  # [G][T]
         "gen_lens": datasets.List(datasets.Value("int32")),  # [G]
         "responses_text": datasets.List(datasets.Value("string")),  # [G]
-        "rewards": datasets.List(datasets.Value("float32")),  # [G]
+        "rewards": datasets.List(datasets.Value("float32")),  # [G] as the reward functions gave them
+        "prompt": datasets.Value("string"),  # TRL's prompt (text or chat messages) as JSON
+        "columns": datasets.Value("string"),  # the row's other columns, the reward functions' arguments, as JSON
         # [G][T - P] as generation computed them (BatchedSequences), null where it did not
         "token_logprobs": datasets.List(datasets.List(datasets.Value("float32"))),
         "token_entropies": datasets.List(datasets.List(datasets.Value("float32"))),
@@ -69,12 +74,27 @@ def read_identity(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def update_only(identity: dict, folder: str | Path) -> bool:
+    """Whether the folder holds U batches alone (identity "roles": ["U"]); folders saved before "roles" hold all."""
+    roles = identity.get("roles", ["E", "U"])
+    require(
+        roles == ["U"] or "E" in roles,
+        f"data.rollouts {str(folder)!r}: identity.json roles {roles} have U batches with other roles but no E: "
+        f'save every role, or U alone ("roles": ["U"])',
+    )
+    return roles == ["U"]
+
+
 def check_replay(saved: dict, run: dict, folder: str) -> None:
-    """Refuse, in one line naming each differing setting with both values, rollouts sampled otherwise."""
+    """Refuse, in one line naming each differing setting with both values, rollouts sampled otherwise; a saved
+    null (what the saving tool could not know) is not checked."""
     run = json.loads(json.dumps(run))  # tuples and lists compare as JSON stores them
+    sampling = saved.get("sampling") or {}
     settings = [(flag, saved.get(key), run[key]) for key, flag in IDENTITY_FLAGS.items()]
-    settings += [(f"model.generation.{key}", saved["sampling"].get(key), now) for key, now in run["sampling"].items()]
-    differences = [f"{flag}={was!r} (this run: {now!r})" for flag, was, now in settings if was != now]
+    settings += [(f"model.generation.{key}", sampling.get(key), now) for key, now in run["sampling"].items()]
+    differences = [
+        f"{flag}={was!r} (this run: {now!r})" for flag, was, now in settings if was is not None and was != now
+    ]
     if differences:
         raise ProbeConfigError(
             f"data.rollouts {folder!r} were sampled with {', '.join(differences)}: replay them with the saved "
@@ -104,6 +124,8 @@ def rollout_rows(rollout: "Rollout", batch_index: int) -> list[dict]:
             "gen_lens": batch.gen_lens[b],
             "responses_text": batch.responses_text[b],
             "rewards": rewards[b],
+            "prompt": json.dumps(prompts.prompts[b]),
+            "columns": json.dumps(prompts.columns[b]),
             "token_logprobs": token_logprobs[b],
             "token_entropies": token_entropies[b],
         }
@@ -115,31 +137,46 @@ def save_probe(folder: Path, probe_index: int, rows: list[dict]) -> None:
     datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(folder / f"probe_{probe_index}"))
 
 
-def saved_batches(folder: str | Path) -> Iterator[tuple[dict, BatchedSequences]]:
-    """Each saved rollout batch in consumption order, as (its rows' columns, its sequences); a probe's folder
-    is memory-mapped, and only the batch being yielded is read into memory."""
-    pad_token_id = read_identity(folder)["sampling"]["pad_token_id"]
+def saved_batches(folder: str | Path) -> Iterator[tuple[dict, BatchedSequences, bool]]:
+    """Each saved rollout batch in consumption order, as (its rows' columns, its sequences, whether it is its
+    probe's last); a probe's folder is memory-mapped, and only the batch being yielded is read into memory."""
+    pad_token_id = (read_identity(folder).get("sampling") or {}).get("pad_token_id")
+    require(
+        pad_token_id is not None,
+        f"data.rollouts {str(folder)!r}: identity.json has no sampling.pad_token_id: write the token the saved "
+        f"sequences are padded with",
+    )
     parts = sorted(Path(folder).glob("probe_*"), key=lambda part: int(part.name.removeprefix("probe_")))
     require(parts, f"data.rollouts {str(folder)!r} holds no probe_<k> folders: no probe finished in that run")
     for part in parts:
         rows = datasets.load_from_disk(str(part))
-        for _, group in itertools.groupby(enumerate(rows["batch_index"]), key=lambda row: row[1]):
-            indices = [index for index, _ in group]
-            columns = rows[indices[0] : indices[-1] + 1]
+        batch_index = rows["batch_index"]
+        starts = [i for i in range(len(batch_index)) if i == 0 or batch_index[i] != batch_index[i - 1]]
+        bounds = list(zip(starts, [*starts[1:], len(batch_index)]))
+        for number, (start, stop) in enumerate(bounds):
+            columns = rows[start:stop]
             generation_scores = {
                 name: torch.tensor(columns[name], dtype=torch.float32)
                 for name in ("token_logprobs", "token_entropies")
                 if None not in columns.get(name, [None])  # saved without them: teacher forcing gives them
             }  # fmt: skip
-            yield (
-                columns,
-                BatchedSequences(
-                    sequences=torch.tensor(columns["sequences"], dtype=torch.long),
-                    attention_masks=torch.tensor(columns["attention_masks"], dtype=torch.long),  # as generation's
-                    prompt_lens=columns["prompt_len"],
-                    gen_lens=columns["gen_lens"],
-                    responses_text=columns["responses_text"],
-                    pad_token_id=pad_token_id,
-                    **generation_scores,
-                ),
+            sequences = BatchedSequences(
+                sequences=torch.tensor(columns["sequences"], dtype=torch.long),
+                attention_masks=torch.tensor(columns["attention_masks"], dtype=torch.long),  # as generation's
+                prompt_lens=columns["prompt_len"],
+                gen_lens=columns["gen_lens"],
+                responses_text=columns["responses_text"],
+                pad_token_id=pad_token_id,
+                **generation_scores,
             )
+            yield columns, sequences, number == len(bounds) - 1
+
+
+def saved_prompts(columns: dict) -> list | None:
+    """The batch's TRL prompts; None for rollouts saved before they were (each question as one user turn)."""
+    return [json.loads(prompt) for prompt in columns["prompt"]] if "prompt" in columns else None
+
+
+def saved_columns(columns: dict) -> list[dict] | None:
+    """The batch's reward-function columns; None for rollouts saved before they were (the answer alone)."""
+    return [json.loads(row) for row in columns["columns"]] if "columns" in columns else None

@@ -122,11 +122,30 @@ class SequenceProcessor:
 
     # ---- generation ----
 
+    def encode_prompts(self, prompts: list[str] | list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, P] input ids and attention mask on the model's device, prompts left-padded to one length P.
+
+        prompts: token ids (data.prompt_token_ids: as TRL's trainer tokenizes them), or formatted texts,
+        tokenized without special tokens (a chat template already holds them).
+        """
+        if prompts and isinstance(prompts[0], str):
+            encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            return encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
+        width = max(len(ids) for ids in prompts)
+        ids = torch.tensor([[self.config.pad_token_id] * (width - len(ids)) + list(ids) for ids in prompts])
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
+        return ids.to(self.device), mask.to(self.device)
+
     @torch.no_grad()
     def generate_batched(
-        self, prompts: list[str], G: int, gen_batch_size: int | None = None, seeds: list[int] | None = None
+        self,
+        prompts: list[str] | list[list[int]],
+        G: int,
+        gen_batch_size: int | None = None,
+        seeds: list[int] | None = None,
     ) -> BatchedSequences:
-        """Sample G responses for each prompt, about gen_batch_size sequences per call.
+        """Sample G responses for each prompt (token ids or formatted text, see encode_prompts), about
+        gen_batch_size sequences per call.
 
         seeds: one per response (prompt-major): the probe's own sampling loop (decoding.py), each response
         drawn from its own generator, so it depends on its seed only, not on the batch or the process it is
@@ -134,8 +153,7 @@ class SequenceProcessor:
         """
         require(G >= 1, f"G must be >= 1, got {G}")
         gen_batch_size = gen_batch_size or self.config.gen_batch_size
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        ids, mask = encoded.input_ids.to(self.device), encoded.attention_mask.to(self.device)
+        ids, mask = self.encode_prompts(prompts)
         if seeds is None:
             return self._generate(ids, mask, G, gen_batch_size)
         require(len(seeds) == len(prompts) * G, f"{len(seeds)} seeds for {len(prompts)} prompts x G={G} responses")

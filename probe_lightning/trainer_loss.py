@@ -69,15 +69,28 @@ def advantages(rewards: torch.Tensor, scale_rewards: ScaleRewards) -> torch.Tens
 
     none: no division; group: std over the prompt's G rewards; batch: std over all B·G rewards (still the
     group mean). For "batch", rewards must be the whole generation batch (TRL gathers all processes first).
+    A NaN reward (no reward function scored the response) is left out of the mean and std, and its advantage
+    is 0, as TRL's: nanmean, nanstd, then NaN -> 0.
     """
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    centred = rewards - rewards.nanmean(dim=1, keepdim=True)
     if scale_rewards == "none" or rewards.shape[1] == 1:  # one response: A = 0, and its std is undefined
-        return centred
-    if scale_rewards == "group":
-        return centred / (rewards.std(dim=1, keepdim=True) + STD_EPS)
-    if scale_rewards == "batch":
-        return centred / (rewards.std() + STD_EPS)
-    raise ValueError(f"scale_rewards must be one of {get_args(ScaleRewards)}, got {scale_rewards!r}")
+        scaled = centred
+    elif scale_rewards == "group":
+        scaled = centred / (nanstd(rewards, dim=1) + STD_EPS)
+    elif scale_rewards == "batch":
+        scaled = centred / (nanstd(rewards) + STD_EPS)
+    else:
+        raise ValueError(f"scale_rewards must be one of {get_args(ScaleRewards)}, got {scale_rewards!r}")
+    return scaled.nan_to_num(nan=0.0)
+
+
+def nanstd(values: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """TRL's nanstd: the Bessel-corrected std of the non-NaN values (NaN for fewer than two); dim kept."""
+    mean = values.nanmean(dim=dim, keepdim=True)
+    variance = ((values - mean) ** 2).nanmean(dim=dim, keepdim=True)
+    count = (~values.isnan()).sum(dim=dim, keepdim=True)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(variance, torch.nan))
+    return (variance * correction).sqrt()
 
 
 def token_coefficients(

@@ -1,4 +1,5 @@
-"""The problem pool, the per-probe E/U draws, the rollout batches, and the errors for bad data input."""
+"""The problem pool (the probe's formats and TRL's), the prompts' token ids, the per-probe E/U draws, the rollout
+batches, and the errors for bad data input."""
 
 import json
 import re
@@ -6,12 +7,16 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from jsonargparse import ArgumentParser
+from tiny_models import tiny_llama
 
 from probe_lightning.config import BatchConfig, ProbeConfigError
-from probe_lightning.data import ProbeDataModule, PromptBatch, format_prompt
-from probe_lightning.problems import ARITHMETIC_MAX_FACTOR, Problem, load_problems
+from probe_lightning.data import ProbeDataModule, PromptBatch, format_prompt, prompt_token_ids
+from probe_lightning.problems import ARITHMETIC_MAX_FACTOR, Problem, load_problems, user_turn
 from probe_lightning.rewards import correctness_reward
+from probe_lightning.sampling import GenerationConfig
+from probe_lightning.sequence_processor import SequenceProcessor
 
 
 def datamodule(**kwargs) -> ProbeDataModule:
@@ -121,8 +126,9 @@ def test_batches_carry_the_drawn_problems_and_their_pool_indices():
     e_batch, u_batch = list(data.predict_dataloader())
     draw = data.probe_draws[0]
     assert e_batch.prompt_ids == draw["E"] and u_batch.prompt_ids == draw["U"]
-    assert [Problem(q, a) for q, a in zip(e_batch.questions, e_batch.answers)] == [data.problems[i] for i in draw["E"]]
-    assert [Problem(q, a) for q, a in zip(u_batch.questions, u_batch.answers)] == [data.problems[i] for i in draw["U"]]
+    for batch, ids in ((e_batch, draw["E"]), (u_batch, draw["U"])):
+        rows = zip(batch.questions, batch.answers, batch.prompts, batch.columns)
+        assert [Problem(*row) for row in rows] == [data.problems[i] for i in ids]
 
 
 def test_the_datamodule_saves_its_hyperparameters():
@@ -159,18 +165,26 @@ def test_gsm8k_jsonl_loads_every_problem_with_a_question(gsm8k_path, caplog):
 def test_question_answer_jsonl_takes_the_number_after_hashes_as_the_answer(qa_file):
     problems = load_problems("jsonl", qa_file)
     assert problems[0] == Problem("What is 0 + 1?", "1")
-    assert problems[-1] == Problem("How many?", "42")
+    assert (problems[-1].question, problems[-1].answer) == ("How many?", "42")
+    # The reward functions get the column as the data set holds it; the built-in match reads the number after ####.
+    assert problems[-1].columns == {"answer": "She has 40 + 2 = 42.\n#### 42"}
+
+
+def test_a_question_is_asked_as_one_user_turn():
+    assert Problem("What is 0 + 1?", "1").prompt == [{"role": "user", "content": "What is 0 + 1?"}]
 
 
 def test_custom_column_names_are_read(tmp_path):
     path = tmp_path / "custom.jsonl"
-    path.write_text(json.dumps({"prompt": "2 + 2?", "target": 4}) + "\n")
-    assert load_problems("jsonl", str(path), question_field="prompt", answer_field="target") == [Problem("2 + 2?", "4")]
+    path.write_text(json.dumps({"prompt": "2 + 2?", "target": 4, "level": 1}) + "\n")
+    problems = load_problems("jsonl", str(path), question_field="prompt", answer_field="target")
+    assert problems == [Problem("2 + 2?", "4", columns={"target": 4, "level": 1})]
 
 
 def test_a_saved_dataset_folder_loads_via_hf(tmp_path):
     datasets.Dataset.from_dict({"question": ["a?", "b?"], "answer": ["1", "#### 2"]}).save_to_disk(tmp_path / "ds")
-    assert load_problems("hf", str(tmp_path / "ds")) == [Problem("a?", "1"), Problem("b?", "2")]
+    problems = load_problems("hf", str(tmp_path / "ds"))
+    assert problems == [Problem("a?", "1"), Problem("b?", "2", columns={"answer": "#### 2"})]
 
 
 def test_a_saved_dataset_dict_uses_its_test_split(tmp_path):
@@ -185,7 +199,7 @@ def test_a_saved_dataset_dict_uses_its_test_split(tmp_path):
 def test_a_data_folder_of_jsonl_files_loads_via_hf(tmp_path, qa_file):
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder" / "test.jsonl").write_text(Path(qa_file).read_text())
-    assert load_problems("hf", str(tmp_path / "folder"))[-1] == Problem("How many?", "42")
+    assert load_problems("hf", str(tmp_path / "folder"))[-1].answer == "42"
 
 
 def test_a_jsonl_datamodule_draws_from_the_file(qa_file):
@@ -216,10 +230,10 @@ def test_bad_arguments_are_refused_before_anything_loads(kwargs, message):
 
 def test_missing_columns_are_named_with_the_columns_found(tmp_path):
     path = tmp_path / "other.jsonl"
-    path.write_text(json.dumps({"prompt": "2 + 2?", "solution": "4"}) + "\n")
+    path.write_text(json.dumps({"query": "2 + 2?", "solution": "4"}) + "\n")
     message = (
         r"data.question_field/data.answer_field: columns 'question'/'answer' not in .*other.jsonl"
-        r".*\(columns found: \['prompt', 'solution'\]\)"
+        r".*\(columns found: \['query', 'solution'\]\); .* give a 'prompt' column \(TRL's format\)"
     )
     with pytest.raises(ProbeConfigError, match=message):
         load_problems("jsonl", str(path))
@@ -242,3 +256,110 @@ def test_format_prompt_applies_the_chat_template(tokenizer):
 def test_format_prompt_without_a_chat_template_is_the_question(tokenizer, monkeypatch):
     monkeypatch.setattr(tokenizer, "chat_template", None)
     assert format_prompt(tokenizer, "What is 1 × 2?") == "What is 1 × 2?"
+
+
+def test_a_question_is_tokenized_as_the_probe_always_did(tokenizer):
+    questions = ["What is 1 × 2?", "Answer in the form <answer>number</answer>. What is 37 × 1?"]
+    texts = [format_prompt(tokenizer, question) for question in questions]
+    token_ids = [prompt_token_ids(tokenizer, user_turn(question)) for question in questions]
+    assert token_ids == tokenizer(texts, add_special_tokens=False).input_ids
+    processor = SequenceProcessor(tiny_llama(tokenizer), tokenizer, GenerationConfig(max_new_tokens=1))
+    for from_ids, from_texts in zip(processor.encode_prompts(token_ids), processor.encode_prompts(texts)):
+        assert torch.equal(from_ids, from_texts)  # the same left-padded ids and mask
+
+
+def test_without_a_chat_template_a_question_is_its_text(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    expected = tokenizer("What is 1 × 2?", add_special_tokens=False).input_ids
+    assert prompt_token_ids(tokenizer, user_turn("What is 1 × 2?")) == expected
+
+
+def test_without_a_chat_template_a_conversation_is_refused(tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(ProbeConfigError, match=r"has no chat template to format 2 messages with: give plain-text"):
+        prompt_token_ids(tokenizer, messages)
+
+
+# TRL's format: a prompt column, plain text or chat messages, every other column kept for the reward functions
+
+SYSTEM = {"role": "system", "content": "Answer with a number."}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_a_prompt_column_of_text_is_read_as_trl_reads_it(tmp_path):
+    rows = [{"prompt": "2 + 2 =", "answer": "#### 4", "level": 1}, {"prompt": "3 + 3 =", "answer": "6", "level": 2}]
+    problems = load_problems("jsonl", write_jsonl(tmp_path / "plain.jsonl", rows))
+    assert problems == [
+        Problem("2 + 2 =", "4", "2 + 2 =", {"answer": "#### 4", "level": 1}),
+        Problem("3 + 3 =", "6", "3 + 3 =", {"answer": "6", "level": 2}),
+    ]
+
+
+def test_a_prompt_column_of_chat_messages_keeps_the_system_turn(tmp_path):
+    chat = [SYSTEM, {"role": "user", "content": "What is 2 + 2?"}]
+    datasets.Dataset.from_list([{"prompt": chat, "solution": "4"}]).save_to_disk(tmp_path / "chat")
+    (problem,) = load_problems("hf", str(tmp_path / "chat"))
+    assert problem == Problem("What is 2 + 2?", None, chat, {"solution": "4"})  # no `answer` column: no answer
+
+
+def test_data_answer_field_names_the_answer_of_a_trl_data_set(tmp_path):
+    path = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": "2 + 2 =", "solution": "4"}])
+    assert load_problems("jsonl", path, answer_field="solution")[0].answer == "4"
+
+
+def test_a_data_set_mixing_text_and_chat_prompts_is_refused(tmp_path):
+    rows = [{"prompt": "2 + 2 ="}, {"prompt": [{"role": "user", "content": "3 + 3?"}]}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(ProbeConfigError, match=r"mixed.jsonl' mixes plain-text and chat prompts; TRL formats a batch"):
+        load_problems("jsonl", path)
+
+
+def test_a_prompt_that_is_neither_text_nor_messages_is_named_by_its_row(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "2 + 2 ="}, {"prompt": 17}])
+    message = "bad.jsonl' row 1: prompt 17 is neither text nor chat messages: write a string or a list of"
+    with pytest.raises(ProbeConfigError, match=re.escape(message)):
+        load_problems("jsonl", path)
+
+
+def test_a_column_named_as_a_reward_function_argument_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "clash.jsonl", [{"prompt": "2 + 2 =", "completions": 1}])
+    with pytest.raises(ProbeConfigError, match=r"has columns \['completions'\], names of the reward functions' own"):
+        load_problems("jsonl", path)
+
+
+def test_without_answers_the_built_in_reward_is_refused_in_one_line(tmp_path):
+    path = write_jsonl(tmp_path / "no_answer.jsonl", [{"prompt": f"{i} + 1 ="} for i in range(4)])
+    data = ProbeDataModule(source="jsonl", path=path, B_E=2, B_U=2)
+    with pytest.raises(ProbeConfigError) as error:
+        data.setup("predict")
+    assert str(error.value) == (
+        f"{path!r} has no reference answer (column 'answer', data.answer_field) in 4 of its 4 rows (first: "
+        "[0, 1, 2, 3]), which the built-in answer match needs: pass --data.reward_fn module:function, or name the "
+        "answer column with --data.answer_field"
+    )
+    datamodule(source="jsonl", path=path, B_E=2, B_U=2, reward_fn="user_rewards:token_sum")  # a reward function
+
+
+def test_batches_carry_the_trl_prompts_and_columns(tmp_path):
+    rows = [{"prompt": [SYSTEM, {"role": "user", "content": f"{i} + 1?"}], "answer": str(i + 1)} for i in range(4)]
+    data = datamodule(source="jsonl", path=write_jsonl(tmp_path / "chat.jsonl", rows), B_E=2, B_U=2)
+    for batch in data.predict_dataloader():
+        assert batch.prompts == [data.problems[i].prompt for i in batch.prompt_ids]
+        assert batch.columns == [{"answer": str(i + 1)} for i in batch.prompt_ids]
+
+
+def test_a_microbatch_selects_the_prompts_columns_and_saved_rewards():
+    batch = PromptBatch(0, "U", ["a", "b"], ["1", "2"], [3, 4], True, saved_rewards=torch.tensor([[1.0], [0.0]]))
+    micro = batch.select(slice(1, 2))
+    assert (micro.prompts, micro.columns) == ([[{"role": "user", "content": "b"}]], [{"answer": "2"}])
+    assert micro.saved_rewards.tolist() == [[0.0]]
+
+
+def test_rescoring_without_replayed_rollouts_is_refused():
+    with pytest.raises(ProbeConfigError, match="data.rescore true re-scores replayed rollouts: it needs data.rollouts"):
+        ProbeDataModule(rescore=True)

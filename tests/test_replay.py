@@ -1,5 +1,6 @@
 """Saved rollouts (--data.save_rollouts) and their replay (--data.rollouts): the same samples give the same
-δH₁ bit for bit, other targets and losses score those samples, other sampling settings are refused."""
+δH₁ bit for bit, other targets and losses score those samples, other sampling settings are refused; the saved
+rewards are kept unless --data.rescore; a folder of U batches alone gets its E batches drawn and sampled."""
 
 import json
 import shutil
@@ -14,6 +15,7 @@ from test_cli import _CrashAtProbe, _probe_and_data, cli_args, results_file
 
 import train
 from callbacks import BatchInvariants, DeltaH1Logger, RolloutRecorder
+from probe_lightning import rollout_store
 from probe_lightning.config import ProbeConfigError
 from probe_lightning.data import ProbeDataModule
 
@@ -170,3 +172,111 @@ def test_a_folder_without_saved_rollouts_is_refused_before_the_model_loads(tmp_p
 def test_saving_while_replaying_is_refused(saved_run):
     with pytest.raises(ProbeConfigError, match="data.save_rollouts and data.rollouts are both set"):
         ProbeDataModule(rollouts=str(saved_run / "rollouts"), save_rollouts=True)
+
+
+# Rewards: the saved ones are kept (what the trainer gave), unless data.rescore
+
+
+def test_saved_rows_carry_the_prompt_and_the_reward_columns_and_the_identity_its_roles(saved_run):
+    rows = datasets.load_from_disk(str(saved_run / "rollouts" / "probe_0"))
+    for row in rows:
+        assert json.loads(row["prompt"]) == [{"role": "user", "content": row["question"]}]
+        assert json.loads(row["columns"]) == {"answer": row["answer"]}
+    assert json.loads((saved_run / "rollouts" / "identity.json").read_text())["roles"] == ["E", "U"]
+
+
+def rewritten(saved_run: Path, folder: Path, change) -> Path:
+    """A copy of saved_run's rollouts with probe 0's rows changed by `change` (datasets.Dataset -> Dataset)."""
+    folder.mkdir()
+    shutil.copy(saved_run / "rollouts" / "identity.json", folder / "identity.json")
+    change(datasets.load_from_disk(str(saved_run / "rollouts" / "probe_0"))).save_to_disk(str(folder / "probe_0"))
+    return folder
+
+
+def test_a_replay_keeps_the_rewards_saved_with_the_responses(world, prompts_file, saved_run, tmp_path):
+    def flipped(rows):  # what another trainer's reward gave: 1 - r
+        return rows.map(lambda row: {"rewards": [1.0 - r for r in row["rewards"]]})
+
+    replayed = replay(world, prompts_file, rewritten(saved_run, tmp_path / "flipped", flipped), tmp_path / "replay")
+    saved = saved_results(saved_run)
+    assert replayed["reward_mean"] == pytest.approx(1.0 - saved["reward_mean"], abs=1e-7)
+    assert replayed["delta_h1"] == pytest.approx(-saved["delta_h1"], rel=1e-4)  # A -> -A: Ȳ -> -Ȳ
+
+
+def test_rescoring_with_the_built_in_reward_gives_the_saved_rewards_again(world, prompts_file, saved_run, tmp_path):
+    flags = ["--data.rescore", "true"]
+    replayed = replay(world, prompts_file, saved_run / "rollouts", tmp_path, "configs/sp.yaml", *flags)
+    saved = saved_results(saved_run)
+    assert (replayed["reward_mean"], replayed["delta_h1"]) == (saved["reward_mean"], saved["delta_h1"])
+
+
+def test_rescoring_scores_the_saved_responses_with_this_runs_reward_function(world, prompts_file, saved_run, tmp_path):
+    flags = ["--data.rescore", "true", "--data.reward_fn", "user_rewards:token_sum"]
+    replayed = replay(world, prompts_file, saved_run / "rollouts", tmp_path, "configs/sp.yaml", *flags)
+    rows = datasets.load_from_disk(str(saved_run / "rollouts" / "probe_0"))
+    sums = [sum(sequence[row["prompt_len"] :]) for row in rows for sequence in row["sequences"]]
+    assert replayed["reward_mean"] == pytest.approx(sum(sums) / len(sums), rel=1e-6)
+
+
+def test_a_reward_function_without_rescoring_is_refused(world, prompts_file, saved_run, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        replay(world, prompts_file, saved_run / "rollouts", tmp_path, "configs/sp.yaml", "--data.reward_fn", "a:b")
+    assert str(exit_info.value.code) == (
+        f"error: data.reward_fn is set, but data.rollouts '{saved_run / 'rollouts'}' keep the rewards saved with "
+        "them: add --data.rescore true to score them with data.reward_fn, or drop data.reward_fn"
+    )
+
+
+def test_rollouts_saved_before_prompts_and_columns_were_replay_and_rescore_as_before(
+    world, prompts_file, saved_run, tmp_path
+):
+    folder = rewritten(saved_run, tmp_path / "old", lambda rows: rows.remove_columns(["prompt", "columns"]))
+    saved = saved_results(saved_run)
+    for rescore in ("false", "true"):
+        replayed = replay(world, prompts_file, folder, tmp_path / rescore, "configs/sp.yaml", "--data.rescore", rescore)
+        assert (replayed["reward_mean"], replayed["delta_h1"]) == (saved["reward_mean"], saved["delta_h1"])
+
+
+# A folder of U batches alone: E is drawn and sampled as a run without data.rollouts draws it
+
+
+def update_only_folder(saved_run: Path, folder: Path) -> Path:
+    """saved_run's U batches alone, as a tool holding a trainer's batch would write them."""
+    identity = json.loads((saved_run / "rollouts" / "identity.json").read_text())
+    rollout_store.write_identity(folder, identity | {"roles": ["U"], "G_E": None, "data": None})
+    rows = datasets.load_from_disk(str(saved_run / "rollouts" / "probe_0")).filter(lambda row: row["role"] == "U")
+    rollout_store.save_probe(folder, 0, [row | {"batch_index": 0} for row in rows])
+    return folder
+
+
+def test_update_only_rollouts_get_e_sampled_as_a_fresh_run_samples_it(world, prompts_file, saved_run, tmp_path):
+    folder = update_only_folder(saved_run, tmp_path / "rollouts")
+    train.main(cli_args(world, prompts_file, tmp_path / "replay", "configs/sp.yaml", "--data.rollouts", str(folder)))
+    replayed = json.loads(results_file(tmp_path / "replay").read_text())
+    saved = saved_results(saved_run)
+    assert replayed["delta_h1"] == saved["delta_h1"] and replayed["delta_h1_se"] == saved["delta_h1_se"]
+    assert replayed["probes"][0]["entropy_prompt_contributions"] == saved["probes"][0]["entropy_prompt_contributions"]
+
+
+def test_update_only_rollouts_draw_e_from_this_runs_data_seed(world, prompts_file, saved_run, tmp_path):
+    folder = update_only_folder(saved_run, tmp_path / "rollouts")
+    flags = ["--data.rollouts", str(folder), "--data.seed", "1"]
+    train.main(cli_args(world, prompts_file, tmp_path / "replay", "configs/sp.yaml", *flags))
+    replayed = json.loads(results_file(tmp_path / "replay").read_text())["probes"][0]
+    saved = saved_results(saved_run)["probes"][0]
+    assert replayed["update_prompt_contributions"].keys() == saved["update_prompt_contributions"].keys()
+    assert replayed["entropy_prompt_contributions"].keys() != saved["entropy_prompt_contributions"].keys()
+
+
+def test_saved_nulls_are_not_checked_and_saved_values_are():
+    run = {"model": "m", "checkpoint": None, "G": 4, "G_E": 4, "use_sequence_processor": True,
+           "sampling": {"temperature": 1.0, "top_p": 1.0}}  # fmt: skip
+    rollout_store.check_replay(run | {"G_E": None, "sampling": {"temperature": None, "top_p": 1.0}}, run, "f")
+    with pytest.raises(ProbeConfigError, match=r"model.G=8 \(this run: 4\)"):
+        rollout_store.check_replay(run | {"G": 8, "G_E": None}, run, "f")
+
+
+def test_saved_roles_other_than_all_or_u_alone_are_refused(tmp_path):
+    rollout_store.write_identity(tmp_path, {"roles": ["V", "U"]})
+    with pytest.raises(ProbeConfigError, match=r"identity.json roles \['V', 'U'\] have U batches with other roles"):
+        ProbeDataModule(rollouts=str(tmp_path))
