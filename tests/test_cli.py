@@ -4,51 +4,22 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
-from enumerable_world import PROMPTS
+from cli_helpers import ROOT, CrashAtProbe, cli_args, probe_and_data, results_file
 from lightning.pytorch.loggers import CSVLogger
 
 import train
 from callbacks import BatchInvariants, DeltaH1Logger, MemoryMonitor
-from probe_lightning.data import ProbeDataModule
-from probe_lightning.module import EntropyProbe
-from probe_lightning.sampling import GenerationConfig
 
-ROOT = Path(__file__).parents[1]
 TENSORBOARD = ["--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir"]
 RESULT_KEYS = {
     "delta_h1", "bars_dot", "learning_rate", "B_E", "B_U", "G", "x_norm", "y_norm", "preconditioner",
     "use_sequence_processor", "reward_mean", "entropy_mean", "timings", "probes", "delta_h1_se",
 }
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "digits.jsonl"
-    lines = [json.dumps({"question": p.question, "answer": p.answer}) for p in PROMPTS * 10]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def cli_args(world, prompts_file, tmp_path, config="configs/sp.yaml", *extra) -> list[str]:
-    return [
-        "predict", "--config", str(ROOT / config),
-        "--model.model", world, "--model.generation.max_new_tokens", "3", "--model.generation.stop_strings", "[]",
-        "--data.source", "jsonl", "--data.path", prompts_file, "--data.B_E", "4", "--data.B_U", "4",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]  # fmt: skip
-
-
-def results_file(tmp_path: Path) -> Path:
-    (path,) = tmp_path.glob("**/results.json")
-    return path
 
 
 @pytest.mark.parametrize("config", ["configs/sp.yaml", "configs/legacy.yaml"])
@@ -102,21 +73,6 @@ def test_a_tensorboard_logger_attached_on_the_command_line_gets_the_metrics(worl
     assert results_file(tmp_path).exists()
 
 
-class _CrashAtProbe(pl.Callback):
-    def __init__(self, probe_index):
-        self.probe_index = probe_index
-
-    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if batch.probe_index == self.probe_index:
-            raise RuntimeError("simulated crash")
-
-
-def _probe_and_data(world, prompts_file, num_probes):
-    probe = EntropyProbe(model=world, G=4, learning_rate=1.0, generation=GenerationConfig(max_new_tokens=3))
-    data = ProbeDataModule(source="jsonl", path=prompts_file, B_E=3, B_U=3, num_probes=num_probes)
-    return probe, data
-
-
 def _trainer(tmp_path, *callbacks) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu", inference_mode=False, logger=CSVLogger(tmp_path), enable_progress_bar=False,
@@ -124,8 +80,10 @@ def _trainer(tmp_path, *callbacks) -> pl.Trainer:
     )  # fmt: skip
 
 
+
+
 def test_repeated_probes_give_one_row_each_and_their_mean(world, prompts_file, tmp_path):
-    probe, data = _probe_and_data(world, prompts_file, num_probes=3)
+    probe, data = probe_and_data(world, prompts_file, num_probes=3)
     _trainer(tmp_path).predict(probe, datamodule=data, return_predictions=False)
     results = json.loads(results_file(tmp_path).read_text())
     rows = results["probes"]
@@ -140,9 +98,9 @@ def test_repeated_probes_give_one_row_each_and_their_mean(world, prompts_file, t
 
 
 def test_a_crash_keeps_the_probes_that_finished(world, prompts_file, tmp_path):
-    probe, data = _probe_and_data(world, prompts_file, num_probes=4)
+    probe, data = probe_and_data(world, prompts_file, num_probes=4)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _trainer(tmp_path, _CrashAtProbe(2)).predict(probe, datamodule=data, return_predictions=False)
+        _trainer(tmp_path, CrashAtProbe(2)).predict(probe, datamodule=data, return_predictions=False)
     rows = json.loads(results_file(tmp_path).read_text())["probes"]
     assert [row["probe_index"] for row in rows] == [0, 1]
 

@@ -9,20 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from enumerable_world import PROMPTS
 from lightning.pytorch.strategies import FSDPStrategy
 
 from probe_lightning.config import ProbeConfigError
 from probe_lightning.distributed import check_strategy
 
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "digits.jsonl"
-    path.write_text("\n".join(json.dumps({"question": p.question, "answer": p.answer}) for p in PROMPTS * 10) + "\n")
-    return str(path)
 
 
 def predict(world, prompts_file, folder: Path, devices: int, *extra) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ import torch
 from enumerable_world import PROMPTS, exact_prompt, mean_grads
 from probe_helpers import TRAINABLE, make_probe, prompt_batches
 from safetensors.torch import load_file, save_file
-from test_cli import cli_args, results_file
+from cli_helpers import cli_args, results_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import train

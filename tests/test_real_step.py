@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import results_file
+from cli_helpers import results_file
 from trl_runs import (
     G,
     PROMPTS,

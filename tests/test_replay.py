@@ -9,22 +9,14 @@ from pathlib import Path
 import datasets
 import lightning.pytorch as pl
 import pytest
-from enumerable_world import PROMPTS
 from lightning.pytorch.loggers import CSVLogger
-from test_cli import _CrashAtProbe, _probe_and_data, cli_args, results_file
+from cli_helpers import CrashAtProbe, cli_args, probe_and_data, results_file
 
 import train
 from callbacks import BatchInvariants, DeltaH1Logger, RolloutRecorder
 from probe_lightning import rollout_store
 from probe_lightning.config import ProbeConfigError
 from probe_lightning.data import ProbeDataModule
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "digits.jsonl"
-    path.write_text("".join(json.dumps({"question": p.question, "answer": p.answer}) + "\n" for p in PROMPTS * 10))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +144,11 @@ def test_two_probes_are_saved_one_folder_each_and_both_replayed(world, prompts_f
 
 
 def test_each_probe_is_written_when_it_ends_so_a_crash_keeps_the_finished_ones(world, prompts_file, tmp_path):
-    probe, _ = _probe_and_data(world, prompts_file, num_probes=3)
+    probe, _ = probe_and_data(world, prompts_file, num_probes=3)
     data = ProbeDataModule(source="jsonl", path=prompts_file, B_E=3, B_U=3, num_probes=3, save_rollouts=True)
     trainer = pl.Trainer(
         accelerator="cpu", inference_mode=False, logger=CSVLogger(tmp_path), enable_progress_bar=False,
-        callbacks=[BatchInvariants(), DeltaH1Logger(), RolloutRecorder(), _CrashAtProbe(2)],
+        callbacks=[BatchInvariants(), DeltaH1Logger(), RolloutRecorder(), CrashAtProbe(2)],
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.predict(probe, datamodule=data, return_predictions=False)

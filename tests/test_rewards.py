@@ -10,7 +10,7 @@ import pytest
 import torch
 import user_rewards
 from enumerable_world import PROMPTS
-from test_cli import cli_args, results_file
+from cli_helpers import cli_args, results_file
 
 import train
 from probe_lightning.config import ProbeConfigError
