@@ -11,7 +11,7 @@ from enumerable_world import PROMPTS, save_world  # noqa: E402
 
 from probe_lightning.models import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 
-SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
+GSM8K = Path(__file__).parent / "data" / "gsm8k_test.jsonl"
 
 
 @pytest.fixture(scope="session")
@@ -36,11 +36,8 @@ def prompts_file(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def gsm8k_path() -> Path:
-    """The real GSM8K test set beside the repository (../shared/data), or a skip saying it is absent."""
-    path = SHARED_DATA / "gsm8k_test.jsonl"
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the GSM8K tests need ../shared/data beside the repository")
-    return path
+    """The real GSM8K test set, shipped with the tests (tests/data/README.md: source and MIT licence)."""
+    return GSM8K
 
 
 @pytest.fixture
