@@ -56,7 +56,7 @@ class RolloutRecorder(pl.Callback):
     def on_predict_batch_end(self, trainer, pl_module, outputs: StepOutput, batch, batch_idx, dataloader_idx=0):
         if self.folder is None:
             return
-        self.rows += rollout_store.rollout_rows(outputs.rollout, self.batch_index)
+        self.rows += outputs.rollout.saved_rows(self.batch_index)
         self.batch_index += 1
         if batch.last_in_probe:
             rollout_store.save_probe(self.folder, batch.probe_index, self.rows)

@@ -10,6 +10,7 @@ A replayed batch (data.rollouts) brings its saved responses and the rewards save
 data.rescore).
 """
 
+import json
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -55,6 +56,36 @@ class Rollout:
             max_lengths=self.max_lengths[prompts],
             use_sequence_processor=self.use_sequence_processor,
         )
+
+    def saved_rows(self, batch_index: int) -> list[dict]:
+        """This rollout batch as saved rollouts (rollout_store.FEATURES), one row per prompt."""
+        prompts, batch = self.prompts, self.batch
+        sequences, masks, rewards = batch.sequences.tolist(), batch.attention_masks.tolist(), self.rewards.tolist()
+        recorded = batch.token_entropies is not None
+        token_logprobs = batch.token_logprobs.tolist() if recorded else [None] * len(sequences)
+        token_entropies = batch.token_entropies.tolist() if recorded else [None] * len(sequences)
+        return [
+            {
+                "probe_index": prompts.probe_index,
+                "batch_index": batch_index,
+                "role": prompts.role,
+                "last_in_probe": prompts.last_in_probe,
+                "prompt_id": prompt_id,
+                "question": prompts.questions[b],
+                "answer": prompts.answers[b],
+                "prompt_len": batch.prompt_lens[b],
+                "sequences": sequences[b],
+                "attention_masks": masks[b],
+                "gen_lens": batch.gen_lens[b],
+                "responses_text": batch.responses_text[b],
+                "rewards": rewards[b],
+                "prompt": json.dumps(prompts.prompts[b]),
+                "columns": json.dumps(prompts.columns[b]),
+                "token_logprobs": token_logprobs[b],
+                "token_entropies": token_entropies[b],
+            }
+            for b, prompt_id in enumerate(prompts.prompt_ids)
+        ]
 
 
 def sample_seed(prompts: PromptBatch, prompt_id: int, response: int) -> int:

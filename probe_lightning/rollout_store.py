@@ -6,24 +6,19 @@ A run's `rollouts/` folder, beside its results.json, holds
 - probe_<k>/: probe k's rollouts as a `datasets` folder (`datasets.load_from_disk`), one row per prompt,
   in the order the probe consumed them, with the rewards they were given.
 
-A folder may hold U batches alone ("roles": ["U"]), e.g. a trainer's real batch written with `rollout_rows` and
-`save_probe` by another tool; a replay then draws and samples each probe's E (and V) batches itself, and
+A folder may hold U batches alone ("roles": ["U"]), e.g. a trainer's real batch (trainer_batch.py); a replay then draws and samples each probe's E (and V) batches itself, and
 identity entries that tool cannot know (G_E) are null, which a replay does not check.
 """
 
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import datasets
 import torch
 
 from probe_lightning.config import ProbeConfigError, require
 from probe_lightning.sequence_processor import BatchedSequences
-
-if TYPE_CHECKING:
-    from probe_lightning.rollout import Rollout
 
 IDENTITY_FILE = "identity.json"
 # The identity a replay must share with the run that sampled the rollouts, and each entry's flag.
@@ -100,37 +95,6 @@ def check_replay(saved: dict, run: dict, folder: str) -> None:
             f"data.rollouts {folder!r} were sampled with {', '.join(differences)}: replay them with the saved "
             f"settings, or drop data.rollouts to sample anew"
         )
-
-
-def rollout_rows(rollout: "Rollout", batch_index: int) -> list[dict]:
-    """The rows of one rollout batch, one per prompt."""
-    prompts, batch = rollout.prompts, rollout.batch
-    sequences, masks, rewards = batch.sequences.tolist(), batch.attention_masks.tolist(), rollout.rewards.tolist()
-    recorded = batch.token_entropies is not None
-    token_logprobs = batch.token_logprobs.tolist() if recorded else [None] * len(sequences)
-    token_entropies = batch.token_entropies.tolist() if recorded else [None] * len(sequences)
-    return [
-        {
-            "probe_index": prompts.probe_index,
-            "batch_index": batch_index,
-            "role": prompts.role,
-            "last_in_probe": prompts.last_in_probe,
-            "prompt_id": prompt_id,
-            "question": prompts.questions[b],
-            "answer": prompts.answers[b],
-            "prompt_len": batch.prompt_lens[b],
-            "sequences": sequences[b],
-            "attention_masks": masks[b],
-            "gen_lens": batch.gen_lens[b],
-            "responses_text": batch.responses_text[b],
-            "rewards": rewards[b],
-            "prompt": json.dumps(prompts.prompts[b]),
-            "columns": json.dumps(prompts.columns[b]),
-            "token_logprobs": token_logprobs[b],
-            "token_entropies": token_entropies[b],
-        }
-        for b, prompt_id in enumerate(prompts.prompt_ids)
-    ]
 
 
 def save_probe(folder: Path, probe_index: int, rows: list[dict]) -> None:
