@@ -123,7 +123,7 @@ def summarise(results: dict) -> dict:
     probes = results["probes"]
     if not probes:
         return results
-    summary = {key: sum(p[key] for p in probes) / len(probes) for key in _AVERAGED}
+    summary = {key: _mean([p[key] for p in probes]) for key in _AVERAGED}
     if all(p["delta_h1_se"] is not None for p in probes):  # plug-in SE of the mean of independent probes
         summary["delta_h1_se"] = math.sqrt(sum(p["delta_h1_se"] ** 2 for p in probes)) / len(probes)
     if probes[0].get("eta_sweep"):
@@ -134,6 +134,13 @@ def summarise(results: dict) -> dict:
         variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
         summary["delta_h1_mean_se"] = math.sqrt(variance / len(values))
     return {**results, **summary, "num_probes": len(probes)}
+
+
+def _mean(values: list) -> float | int:
+    """The mean; integers that are all equal (a batch size) stay an integer."""
+    if all(isinstance(v, int) for v in values) and len(set(values)) == 1:
+        return values[0]
+    return sum(values) / len(values)
 
 
 def _mean_sweep(probes: list[dict]) -> dict:

@@ -29,6 +29,7 @@ def test_predict_writes_results_json_and_logs_delta_h1(world, prompts_file, tmp_
     assert RESULT_KEYS <= results.keys()
     assert results["use_sequence_processor"] == (config == "configs/sp.yaml")
     assert results["preconditioner"] == "identity" and results["B_E"] == 4 and results["B_U"] == 4
+    assert '"B_E": 4,' in results_file(tmp_path).read_text()  # an integer stays one, not 4.0
     assert results["delta_h1"] == pytest.approx(results["learning_rate"] * results["bars_dot"])
     assert {"generate", "teacher_force_x", "teacher_force_y"} <= results["timings"].keys()
     assert any(key.startswith("peak_rss_mib") for key in results["memory"])
