@@ -133,11 +133,12 @@ class DeltaH1Logger(pl.Callback):
             elif results.get("delta_h1_se") is not None:
                 spread = f" ± {results['delta_h1_se']:.4g} (plug-in SE)"
             empty = f"  [empty: {results['empty']}]" if "empty" in results else ""
+            later = f"  [{results['later_steps']}]" if results.get("later_steps") else ""  # not predicted
             rank_zero_info(
                 f"δH₁ = {results['delta_h1']:.6g}{spread} for the {results['entropy_target']} entropy  "
                 f"(η = {results['learning_rate']:.3g}, ⟨X̄,Ȳ⟩ = {results['bars_dot']:.6g}, update: "
                 f"{results['update']}, loss: {results['trainer']['loss_type']['value']}, "
-                f"mixed U prompts: {results['mixed_update_fraction']:.0%}){empty}"
+                f"mixed U prompts: {results['mixed_update_fraction']:.0%}){empty}{later}"
             )
         for probe in results["probes"]:
             if probe.get("next_checkpoint"):

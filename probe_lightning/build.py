@@ -6,7 +6,7 @@ from probe_lightning.config import require
 from probe_lightning.next_checkpoint import load_next_checkpoint
 from probe_lightning.optimizer_state import load_optimizer_state, no_optimizer_state, resolve_learning_rate
 from probe_lightning.probe import Probe
-from probe_lightning.results import RunInfo, RunResults, run_notes
+from probe_lightning.results import RunInfo, RunResults, later_steps, run_notes
 from probe_lightning.reward_functions import RewardFunctions
 from probe_lightning.rollout import RolloutMaker
 from probe_lightning.sampling import GenerationConfig
@@ -51,6 +51,7 @@ def build_probe(
         next_checkpoint = load_next_checkpoint(
             settings.next_checkpoint, settings.checkpoint, checkpoint, named_params, keys
         )
+    rewards = settings.reward_functions(rewards)  # with the trainer's reward_weights
     trainer = settings.trainer_settings
     info = RunInfo(
         model=settings.model,
@@ -69,8 +70,10 @@ def build_probe(
         checkpoint_format=checkpoint.format if checkpoint else None,
         global_step=checkpoint.global_step if checkpoint else None,
         next_checkpoint=settings.next_checkpoint,
+        later_steps=later_steps(trainer),
         notes=run_notes(
-            geometry.kind, settings.G, settings.G_E, settings.entropy_target, settings.estimator, trainer.loss_type
+            geometry.kind, settings.G, settings.G_E, settings.entropy_target, settings.estimator, trainer,
+            settings.reference_source,
         ),
     )
     rollouts = RolloutMaker(

@@ -15,9 +15,10 @@ Update = Literal["identity", "adam_precondition", "adamw_step"]
 # Which entropy δH₁ predicts the change of (docs/math.md "Which entropy"), and how X estimates its gradient.
 EntropyTarget = Literal["token_mean", "budget", "per_token_avg", "dr_grpo"]
 Estimator = Literal["rb", "naive"]
-# The trainer's loss, with TRL's names ("seed": the seed probe's own A_g / L_max loss).
-LossType = Literal["seed", "grpo", "bnpo", "dr_grpo", "dapo"]
+# The trainer's loss, with TRL 1.16's names ("seed": the seed probe's own A_g / L_max loss).
+LossType = Literal["seed", "grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
 ScaleRewards = Literal["none", "group", "batch"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
 Source = Literal["arithmetic", "jsonl", "hf"]
 
 
@@ -48,11 +49,25 @@ class BatchConfig:
 
 @dataclass
 class TrainerConfig:
-    """The user's GRPOTrainer settings that shape its step, with TRL's names. None: the checkpoint's
-    training_args.bin, else TRL's default. TRL's num_generations is model.G; its max_completion_length
-    is model.generation.max_new_tokens."""
+    """The user's GRPOTrainer settings that shape its step, with TRL's names (docs/math.md §5). None: the
+    checkpoint's training_args.bin, else TRL's default; a value that differs from the checkpoint's wins and is
+    marked in results.json. TRL's num_generations is model.G, its max_completion_length
+    model.generation.max_new_tokens, its temperature and top_p model.generation's, its reward_weights
+    data.reward_weights."""
 
     loss_type: LossType | None = None
     scale_rewards: ScaleRewards | None = None
     max_grad_norm: float | None = None  # 0: no clipping (as in the HF Trainer)
-    beta: float | None = None  # the KL coefficient; the probe models beta = 0 only
+    beta: float | None = None  # the KL coefficient; > 0 needs the reference model (model.reference)
+    use_bias_correction_kl: bool | None = None  # the KL term times the importance ratio
+    importance_sampling_level: ImportanceSamplingLevel | None = None
+    epsilon: float | None = None  # the ratio's clip range (cispo: epsilon_high, else epsilon, clamps it)
+    epsilon_high: float | None = None
+    top_entropy_quantile: float | None = None  # ρ < 1: only the top-ρ entropy tokens in the policy term
+    mask_truncated_completions: bool | None = None  # completions without EOS leave the loss
+    entropy_coef: float | None = None  # the entropy bonus's coefficient
+    use_adaptive_entropy: bool | None = None  # the bonus gated by the last measured entropy (Skywork-OR1)
+    entropy_target: float | None = None  # the adaptive bonus's target entropy (nats): not model.entropy_target
+    num_iterations: int | None = None  # > 1: later optimizer steps reuse the samples (not predicted)
+    steps_per_generation: int | None = None
+    gradient_accumulation_steps: int | None = None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from probe_lightning.rollout import Rollout
+from probe_lightning.trainer_loss import entropy_threshold
 from probe_lightning.true_change import token_covariances
 
 # Cui et al. 2025 (their verl defaults): Clip-Cov detaches clip_cov_ratio of the tokens, drawn from those
@@ -93,7 +94,7 @@ class ProbeContributions:
         advantage = torch.tensor([t["advantage"] for t in update], dtype=torch.float64)
         keep = {"all": torch.ones_like(d, dtype=torch.bool)}
         for rho in TOP_ENTROPY_QUANTILES:  # TRL's top_entropy_quantile: H_t >= the (1 − ρ) quantile
-            keep[f"top_entropy_{rho}"] = entropy >= torch.quantile(entropy, 1 - rho)
+            keep[f"top_entropy_{rho}"] = entropy >= entropy_threshold(entropy, rho)
         covariance = token_covariances(log_q, advantage)
         band = ((covariance >= CLIP_COV_BOUNDS[0]) & (covariance <= CLIP_COV_BOUNDS[1])).nonzero().flatten()
         clip_count = min(max(int(CLIP_COV_RATIO * len(d)), 1), len(band))

@@ -1,8 +1,8 @@
 """Directional derivatives by forward-mode AD: the standard error's b_u and the token contributions.
 
 One jvp per microbatch gives, for every prompt, response or token at once, the derivative of a per-sample
-quantity along a fixed parameter direction: the probe differentiates each U token's log q along
-v = P ⊙ X̄ (b_u and the token contributions). No per-sample gradient is formed. (E's a_e come from the
+quantity along a fixed parameter direction: the probe differentiates each U token's log q (and, with an
+entropy bonus, its entropy H_t) along v = P ⊙ X̄ (b_u and the token contributions). No per-sample gradient is formed. (E's a_e come from the
 E pass's own gradients, Probe.accumulate; tests use this pass for E too, as an independent check.)
 """
 

@@ -47,6 +47,7 @@ class EntropyProbe(pl.LightningModule):
         eta_sweep: list[float] | None = None,
         save_vectors: bool = False,
         next_checkpoint: str | None = None,
+        reference: str | None = None,
     ):
         """
         Args:
@@ -68,8 +69,9 @@ class EntropyProbe(pl.LightningModule):
             entropy_target: the entropy whose change δH₁ predicts: token_mean (what trainers log),
                 budget, per_token_avg, or dr_grpo (the seed's −S/L_max, biased when lengths vary).
             estimator: rb (exact per-token entropies, causal scores) or naive (−S, one score per response).
-            trainer: the user's trainer settings (loss_type, scale_rewards, max_grad_norm, beta), as TRL
-                names them; None: the checkpoint's training_args.bin, else TRL's default.
+            trainer: the user's trainer settings (loss_type, scale_rewards, max_grad_norm, beta, entropy_coef,
+                top_entropy_quantile, ...: config.TrainerConfig), as TRL names them; None: the checkpoint's
+                training_args.bin, else TRL's default.
             standard_error: also compute δH₁'s plug-in standard error and the per-update-prompt
                 contributions (one extra forward-mode pass over the probe's sequences).
             eta_sweep: learning rates at which to measure the true entropy change of the real step on a
@@ -79,11 +81,15 @@ class EntropyProbe(pl.LightningModule):
                 NAME the parameter's key in the checkpoint's weights file.
             next_checkpoint: a later checkpoint of the same run as `checkpoint`: the step the trainer really
                 took, held against the prediction (results.json's next_checkpoint, per probe).
+            reference: with trainer beta != 0, the KL term's reference model (a local folder or cached HF id): the
+                model full fine-tuning started from. None: TRL's own (a LoRA checkpoint's base with the adapter
+                disabled; a full checkpoint's config.json _name_or_path if it is a local folder; model.model for
+                a Lightning .ckpt; the probed model itself without a checkpoint).
         """
         super().__init__()
         self.settings = ProbeSettings(
             model, checkpoint, optimizer_state, update, learning_rate, G, G_E, entropy_target, estimator, trainer,
-            sampling, generation, standard_error, eta_sweep, save_vectors, next_checkpoint,
+            sampling, generation, standard_error, eta_sweep, save_vectors, next_checkpoint, reference,
         )  # fmt: skip
         self.save_hyperparameters()
         self.policy = None

@@ -1,6 +1,7 @@
 """Probe: one run's probing, prompt batch by prompt batch, as plain Python that tests drive directly.
 
-A probe = its E batches, sampled and held; its U batches, teacher-forced into ΣY (the trainer's ∇J);
+A probe = its E batches, sampled and held; its U batches, teacher-forced into ΣY (the trainer's ∇J; held
+until the probe's end when the trainer's options need the whole U batch first, update_batch.py);
 then `finish`: ∇J̄ = ΣY / B_U (times the batch-level factors the trainer applies, then clipped), Ȳ from
 ∇J̄ by the update geometry; the held E batch teacher-forced into ΣX (the entropy gradient X), now that
 token_mean's plug-ins and Ȳ are known; X̄ = ΣX / B_E, δH₁ = η ⟨X̄, Ȳ⟩ (docs/math.md).
@@ -23,9 +24,10 @@ from probe_lightning.results import ProbeResult, RunResults
 from probe_lightning.rollout import Rollout, RolloutMaker
 from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
 from probe_lightning.settings import ProbeSettings
-from probe_lightning.trainer_loss import STD_EPS, clip_factor, token_coefficients
+from probe_lightning.trainer_loss import STD_EPS, TOKEN_COUNT_LOSSES, check_router_loss, clip_factor
 from probe_lightning.true_change import covariance_proxy, eta_sweep, score, true_change
 from probe_lightning.update import UpdateGeometry
+from probe_lightning.update_batch import UpdateBatch
 from probe_lightning.vectors import block_shares, parameter_shares
 
 
@@ -102,6 +104,10 @@ class Probe:
         # columns by plug-ins of the whole E batch (Ĥ_tok, Ê|y|), and with Ȳ known each E prompt's
         # a_e = ⟨X(e), Ȳ⟩ comes with its own backward, as a dot product.
         self.held: list[Rollout] = []
+        # The U rollouts, held likewise when the trainer's options need the whole U batch before any coefficient
+        # (an entropy mask, an entropy bonus, truncated completions masked, a KL term).
+        self.update_batch = UpdateBatch(processor, settings)
+        check_router_loss(self.trainer, processor.model.config)
         self.x_weights = [1.0]  # X(p) = ∇ Σ_k x_weights[k] (entropy column k)
         # (E prompt id, {direction: ⟨X(e), direction⟩}): a_e along Ȳ (the standard error), along Δθ_real
         self.entropy_derivatives: list[tuple[int, dict[str, float]]] = []
@@ -146,7 +152,7 @@ class Probe:
             check.check_rollout(rollout, self.make_rollout.num_samples(batch.role))
         if batch.role == "V":
             return self.evaluate(rollout)
-        if batch.role == "E":
+        if batch.role == "E" or self.update_batch.holds:
             return self.hold(rollout)
         seq_logprobs, token_entropies = self.accumulate(rollout)
         return StepOutput(rollout, seq_logprobs, token_entropies, self.results)
@@ -161,24 +167,18 @@ class Probe:
             self.settings.entropy_target, self.settings.estimator, self.processor.config.max_new_tokens,
         )  # fmt: skip
 
-    def update_coefficients(self, rollout: Rollout) -> torch.Tensor:
-        """[B, G, R] c: ∇ Σ c log q(y_t) is prompt p's piece of the trainer's ∇J̄, up to update_scale."""
-        mask = rollout.batch.response_mask.float()
-        G = rollout.batch.num_responses_per_prompt
-        if self.trainer.loss_type == "seed":
-            return (rollout.advantages / rollout.max_lengths[:, None] / G)[..., None] * mask
-        # dapo and bnpo divide by the U batch's token count: 1 here, the count in update_scale.
-        return token_coefficients(
-            rollout.advantages, mask, "dapo" if self.trainer.loss_type in ("dapo", "bnpo") else self.trainer.loss_type,
-            max_completion_length=self.trainer.max_completion_length, max_lengths=rollout.max_lengths,
-            num_sequences=G, num_tokens=1.0,
-        )  # fmt: skip
+    def update_coefficients(self, rollout: Rollout, token_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, G, R] c of the log-probs: prompt p's piece of the trainer's ∇J̄ is ∇ Σ c log q(y_t) (plus the
+        entropy bonus's: UpdateBatch.coefficients), up to update_scale. token_logprobs: log q at θ (a KL term's)."""
+        return self.update_batch.coefficients(rollout, token_logprobs)[0]
 
     def update_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
         """[B]: ∇ of prompt p's entry is its piece of ∇J̄, up to update_scale."""
         if self.trainer.loss_type == "seed":  # the seed's own loss function, summed as the seed summed it
             return estimators.update_loss(tf.seq_logprobs, rollout.advantages, rollout.max_lengths)
-        return (self.update_coefficients(rollout) * tf.token_logprobs).sum((1, 2))
+        coefficients, bonus = self.update_batch.coefficients(rollout, tf.token_logprobs.detach())
+        loss = (coefficients * tf.token_logprobs).sum((1, 2))
+        return loss if bonus is None else loss + (bonus * tf.token_entropies).sum((1, 2))
 
     # ---- accumulation and the finished probe ----
 
@@ -192,17 +192,33 @@ class Probe:
         return StepOutput(rollout, tf.seq_logprobs, tf.token_entropies, self.results)
 
     def hold(self, rollout: Rollout) -> StepOutput:
-        """An E rollout: counted now (its entropies as generation computed them, else from teacher forcing
-        without gradients), added to ΣX at the probe's end (`finish`)."""
+        """An E rollout, or a U rollout of a held U batch: counted now (its entropies as generation computed
+        them, else from teacher forcing without gradients), added to ΣX or ΣY at the probe's end (`finish`)."""
         batch = rollout.batch
         token_logprobs, token_entropies = batch.token_logprobs, batch.token_entropies
         if token_entropies is None:  # model.generate (the legacy path) or rollouts saved without them
             with self.results.timed("teacher_force_x"):
                 tf = self.processor.teacher_force_logprobs(batch)
             token_logprobs, token_entropies = tf.token_logprobs, tf.token_entropies
-        self.sums.count("E", rollout.rewards, token_entropies, batch.response_mask)
-        self.held.append(rollout)
+        self.sums.count(rollout.role, rollout.rewards, token_entropies, batch.response_mask)
+        if rollout.role == "U":
+            self.update_batch.hold(rollout, token_entropies)
+        else:
+            self.held.append(rollout)
         return StepOutput(rollout, token_logprobs.sum(-1), token_entropies, self.results)
+
+    def _held_update_pass(self) -> None:
+        """A held U batch into ΣY, once its counts over every process are known (a collective: every process)."""
+        if not self.update_batch.holds:
+            return
+        rollouts = self.update_batch.prepare(self.collectives.gather)
+
+        def update_pass():
+            for rollout in rollouts:
+                self.accumulate(rollout)
+
+        self._unless_failed(update_pass)
+        self.collectives.raise_any(self.failure)
 
     def _entropy_pass(self, directions: dict[str, list[torch.Tensor]]) -> None:
         """The held E rollouts into ΣX; with directions (Ȳ for the standard error, Δθ_real for the next
@@ -215,7 +231,7 @@ class Probe:
         self, rollout: Rollout, directions: dict[str, list[torch.Tensor]] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing with gradients, one microbatch of whole prompts at a time, into ΣX or ΣY; a U
-        rollout is also counted (E rollouts are counted when they are held).
+        rollout is also counted (held rollouts are counted when they are held).
         directions (E only): one prompt per microbatch, and each prompt's ⟨X(e), direction⟩ kept."""
         scored = []
         with self.results.timed(f"teacher_force_{'x' if rollout.role == 'E' else 'y'}"):
@@ -240,13 +256,14 @@ class Probe:
                 scored.append((micro, tf.detached()))
         self.scored.extend(scored)
         token_entropies = torch.cat([tf.token_entropies for _, tf in scored])
-        if rollout.role == "U":
+        if rollout.role == "U" and not self.update_batch.holds:
             self.sums.count("U", rollout.rewards, token_entropies, rollout.batch.response_mask)
         return torch.cat([tf.seq_logprobs for _, tf in scored]), token_entropies
 
     def finish(self, probe_index: int) -> ProbeResult:
         """∇J̄ and Ȳ from ΣY; the held E batch into ΣX; X̄, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the
         standard error, contributions, covariance proxy and η sweep as asked."""
+        self._held_update_pass()
         sums = self.sums
         sums.all_reduce(self.collectives)
         e, u = sums.counts["E"], sums.counts["U"]
@@ -327,14 +344,22 @@ class Probe:
         B_E, B_U = result.B_E, result.B_U
         update = [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
         direction = self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)
+        # Each token's share: its log q's derivative times its coefficient, plus, with an entropy bonus, its H_t's
+        # derivative times the bonus's coefficient (both from the one forward-mode pass).
+        bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
         derivatives = directional_derivatives(
             self.processor, self.named_params, [micro for micro, _ in update], direction,
-            lambda micro, tf: tf.token_logprobs,
+            (lambda micro, tf: torch.stack([tf.token_logprobs, tf.token_entropies])) if bonus
+            else (lambda micro, tf: tf.token_logprobs),
         )  # fmt: skip
         local = ProbeContributions(result.probe_index)
         b_u, update_ids = [], []
         for (micro, derivative), (_, tf) in zip(derivatives, update):
-            token_b = self.update_coefficients(micro).double() * vectors.update_scale * derivative
+            coefficients, bonus_coefficients = self.update_batch.coefficients(micro, tf.token_logprobs)
+            token_b = coefficients.double() * (derivative[0] if bonus else derivative)
+            if bonus:
+                token_b = token_b + bonus_coefficients.double() * derivative[1]
+            token_b = token_b * vectors.update_scale
             b_u.append(token_b.sum((1, 2)))
             update_ids.extend(micro.prompt_ids)
             per_token = scale * token_b / B_U
@@ -403,9 +428,12 @@ class Probe:
         return covariance_proxy(torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares]))
 
     def _batch_scale(self, tokens_per_prompt: float) -> float:
-        """The trainer's normalisers that need the whole U batch: dapo/bnpo's token count (the U batch as
-        one generation batch: B_U / N_tok) and scale_rewards batch's 1 / (std of all rewards + 1e-4)."""
-        factor = 1.0 / tokens_per_prompt if self.trainer.loss_type in ("dapo", "bnpo") else 1.0
+        """The trainer's normalisers that need the whole U batch: the token count of dapo, cispo, vespo and
+        bnpo (the U batch as one generation batch: B_U / N_tok) and scale_rewards batch's 1 / (std of all
+        rewards + 1e-4). 1 for a held U batch, whose coefficients hold them."""
+        if self.update_batch.holds:
+            return 1.0
+        factor = 1.0 / tokens_per_prompt if self.update_batch.trainer.loss_type in TOKEN_COUNT_LOSSES else 1.0
         if self.trainer.scale_rewards == "batch" and self.settings.G > 1:  # with G = 1 every A is 0
             factor /= torch.cat(self.sums.update_rewards).std().item() + STD_EPS
         return factor

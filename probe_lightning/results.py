@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from probe_lightning.trainer_loss import TrainerSettings
 from probe_lightning.true_change import sweep_summary
 
 # results.json's top level carries these per-probe numbers averaged over the probes.
@@ -77,6 +78,8 @@ class RunInfo:
     checkpoint_format: str | None = None  # hf_full, hf_lora or lightning
     global_step: int | None = None  # optimizer steps the checkpoint had taken
     next_checkpoint: str | None = None  # a later checkpoint of the same run, to hold the prediction against
+    # The trainer's later optimizer steps on the same samples, which δH₁ does not predict (also printed)
+    later_steps: str | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed
     memory: dict[str, float] = field(default_factory=dict)  # MiB per phase, filled by MemoryMonitor
@@ -156,7 +159,23 @@ def _mean_sweep(probes: list[dict]) -> dict:
     return {"eta_sweep": rows, "eta_sweep_summary": sweep_summary(rows, noise_floor)}
 
 
-def run_notes(update: str, G: int, G_E: int, entropy_target: str, estimator: str, loss_type: str) -> list[str]:
+def later_steps(trainer: TrainerSettings) -> str | None:
+    """What δH₁ does not predict when the trainer takes several optimizer steps on one generation batch."""
+    steps = trainer.optimizer_steps_per_generation
+    if steps == 1:
+        return None
+    return (
+        f"num_iterations={trainer.num_iterations}, steps_per_generation={trainer.steps_per_generation}, "
+        f"gradient_accumulation_steps={trainer.gradient_accumulation_steps}: the trainer takes {steps} optimizer "
+        "steps on each generation batch; δH₁ predicts the first (importance ratio 1), the later steps on the same "
+        "samples (off-policy) are not predicted"
+    )
+
+
+def run_notes(
+    update: str, G: int, G_E: int, entropy_target: str, estimator: str, trainer: TrainerSettings,
+    reference_source: str | None = None,
+) -> list[str]:
     """What a reader of the numbers must know about how they were made."""
     notes = []
     if update == "identity":
@@ -176,12 +195,38 @@ def run_notes(update: str, G: int, G_E: int, entropy_target: str, estimator: str
             "per_token_avg with estimator naive estimates ∇E[−S/|y|], which differs from ∇E[Σ_t H_t / |y|] when "
             "response lengths vary (1/|y| depends on the sampled tokens): use estimator rb"
         )
-    if loss_type == "bnpo":
-        notes.append("loss_type bnpo: the U batch is one local batch, so its normaliser is dapo's (its tokens)")
+    notes.extend(_trainer_notes(trainer, reference_source))
     if G_E == 1:
         notes.append("G_E = 1: X uses no leave-one-out baseline (unbiased, higher variance)")
     if G == 1:
         notes.append("G = 1: every advantage is 0, so ∇J̄ = 0")
+    return notes
+
+
+def _trainer_notes(trainer: TrainerSettings, reference_source: str | None) -> list[str]:
+    notes = []
+    if trainer.loss_type == "bnpo":
+        notes.append("loss_type bnpo: the U batch is one local batch, so its normaliser is dapo's (its tokens)")
+    if trainer.loss_type == "cispo" and trainer.policy_scale < 1:
+        notes.append(
+            f"loss_type cispo: at ratio 1 its clamp min(1, epsilon_high={trainer.epsilon_upper}) scales the policy "
+            f"gradient by {trainer.policy_scale}"
+        )
+    if trainer.use_adaptive_entropy:
+        measured, target = trainer.last_world_entropy, trainer.entropy_target
+        state = "no measurement yet (TRL's initial state)" if measured is None else f"last measured {measured:.4g}"
+        on = f"applies entropy_coef={trainer.entropy_coef}" if trainer.entropy_bonus else "has no entropy bonus"
+        notes.append(f"use_adaptive_entropy: {state} against entropy_target={target}, so the next step {on}")
+    batch_wide = {"the entropy quantile": trainer.top_entropy_quantile < 1,
+                  "the entropy bonus's token mean": trainer.entropy_bonus != 0}  # fmt: skip
+    batch_wide = [name for name, used in batch_wide.items() if used]
+    if batch_wide and trainer.gradient_accumulation_steps > 1:
+        notes.append(
+            f"gradient_accumulation_steps={trainer.gradient_accumulation_steps}: TRL takes {' and '.join(batch_wide)} "
+            "over each microbatch (all processes), the probe over the whole U batch"
+        )
+    if trainer.beta:
+        notes.append(f"beta={trainer.beta}: the KL term's reference model is {reference_source}")
     return notes
 
 

@@ -5,21 +5,27 @@ i.e. a pickle, and unpickling runs whatever the file names. The file is read wit
 every class it references must come from transformers, trl or accelerate (or be torch.device) and is replaced
 by an inert record that only keeps its arguments and state, so no constructor or function from the file ever
 runs, and neither trl nor transformers needs to be importable.
+
+With use_adaptive_entropy the trainer's entropy controller state (the coefficient and the entropy it last
+measured) is saved beside it, in entropy_ctrl_state.json: the next step's bonus comes from there.
 """
 
+import json
 import logging
+import math
 import pickle
 import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from probe_lightning.config import ProbeConfigError
-from probe_lightning.trainer_loss import TrainerSettings
+from probe_lightning.trainer_loss import ENTROPY_CONTROLLER_FILE, TrainerSettings
 
 log = logging.getLogger(__name__)
 
 TRAINING_ARGS_FILE = "training_args.bin"
-SETTING_NAMES = tuple(field.name for field in fields(TrainerSettings))
+# TrainerSettings' GRPOConfig fields (the controller state is not one: it comes from ENTROPY_CONTROLLER_FILE).
+SETTING_NAMES = tuple(field.name for field in fields(TrainerSettings) if "saved_in" not in field.metadata)
 ALLOWED_PACKAGES = ("transformers", "trl", "accelerate")
 ALLOWED_GLOBALS = {("torch", "device")}
 
@@ -84,12 +90,31 @@ def read_training_args(folder: str | Path) -> dict[str, object] | None:
 PROBE_DEFAULTS = {"num_generations": 4, "max_completion_length": 64}
 
 
+def read_entropy_controller(folder: str | Path) -> dict[str, float] | None:
+    """The adaptive entropy controller's state GRPOTrainer saved in folder/entropy_ctrl_state.json
+    ({"entropy_coef", "last_world_entropy"}); None if there is no such file."""
+    path = Path(folder) / ENTROPY_CONTROLLER_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        return {name: float(state[name]) for name in ("entropy_coef", "last_world_entropy")}
+    except (ValueError, KeyError, TypeError) as error:
+        raise ProbeConfigError(
+            f"{path} is not the entropy controller state GRPOTrainer writes ({type(error).__name__}: {error}): "
+            "re-save the checkpoint or point model.checkpoint at another one"
+        ) from None
+
+
 def resolve_trainer_settings(
     config_values: dict[str, object | None], checkpoint_folder: str | Path | None
 ) -> tuple[TrainerSettings, dict[str, str]]:
     """TrainerSettings and each value's source: "config" (not None in config_values) over "checkpoint" over
-    "default" (TRL's GRPOConfig default; without a checkpoint folder, PROBE_DEFAULTS for the batch shape). A checkpoint folder whose training_args.bin is missing or unreadable
-    gives one warning listing every value assumed by default. Unclipped training: max_grad_norm 0 in config.
+    "default" (TRL's GRPOConfig default; without a checkpoint folder, PROBE_DEFAULTS for the batch shape). A
+    config value that differs from the checkpoint's is marked "config (checkpoint had X)". A checkpoint folder
+    whose training_args.bin is missing or unreadable gives one warning listing every value assumed by default.
+    Unclipped training: max_grad_norm 0 in config. With use_adaptive_entropy, the entropy controller's saved
+    state gives entropy_coef and last_world_entropy (without one: TRL's initial state, no measurement yet).
     """
     unknown = set(config_values) - set(SETTING_NAMES)
     if unknown:
@@ -107,6 +132,8 @@ def resolve_trainer_settings(
     for name in SETTING_NAMES:
         if config_values.get(name) is not None:
             values[name], sources[name] = config_values[name], "config"
+            if name in saved and saved[name] != config_values[name]:
+                sources[name] = f"config (checkpoint had {saved[name]!r})"
         elif name in saved:
             values[name], sources[name] = saved[name], "checkpoint"
         else:
@@ -114,4 +141,25 @@ def resolve_trainer_settings(
     assumed = [f"{name}={values[name]!r}" for name in SETTING_NAMES if sources[name] == "default"]
     if problem and assumed:
         log.warning("trainer settings: %s; assuming TRL's defaults %s", problem, ", ".join(assumed))
+    _entropy_controller(values, sources, checkpoint_folder)
     return TrainerSettings(**values), sources
+
+
+def _entropy_controller(values: dict, sources: dict[str, str], checkpoint_folder: str | Path | None) -> None:
+    """With use_adaptive_entropy: entropy_coef and last_world_entropy as the controller saved them, the
+    coefficient and gate the trainer applies at its next step (a configured entropy_coef still wins)."""
+    values["last_world_entropy"], sources["last_world_entropy"] = None, "default"
+    if not values["use_adaptive_entropy"]:
+        return
+    state = read_entropy_controller(checkpoint_folder) if checkpoint_folder is not None else None
+    if state is None:
+        sources["last_world_entropy"] = f"default (no {ENTROPY_CONTROLLER_FILE}: TRL's initial state, no measurement)"
+        return
+    saved = f"checkpoint ({ENTROPY_CONTROLLER_FILE})"
+    measured = state["last_world_entropy"]
+    values["last_world_entropy"] = measured if math.isfinite(measured) else None  # TRL's inf: none yet
+    sources["last_world_entropy"] = saved
+    if not sources["entropy_coef"].startswith("config"):
+        values["entropy_coef"], sources["entropy_coef"] = state["entropy_coef"], saved
+    elif values["entropy_coef"] != state["entropy_coef"]:
+        sources["entropy_coef"] = f"config ({ENTROPY_CONTROLLER_FILE} had {state['entropy_coef']!r})"
