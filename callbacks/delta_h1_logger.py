@@ -37,7 +37,7 @@ class DeltaH1Logger(pl.Callback):
             return
         rollout = outputs.rollout
         batch_metrics = {
-            f"batch/{rollout.role}/reward_mean": rollout.rewards.mean().item(),
+            f"batch/{rollout.role}/reward_mean": rollout.rewards.nanmean().item(),  # NaN: unscored
             f"batch/{rollout.role}/entropy_mean": (
                 outputs.token_entropies.sum() / rollout.batch.response_mask.sum().clamp(min=1)
             ).item(),

@@ -7,6 +7,7 @@ then `finish`: ∇J̄ = ΣY / B_U (times the batch-level factors the trainer app
 token_mean's plug-ins and Ȳ are known; X̄ = ΣX / B_E, δH₁ = η ⟨X̄, Ȳ⟩ (docs/math.md).
 """
 
+import math
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -24,7 +25,7 @@ from probe_lightning.results import ProbeResult, RunResults
 from probe_lightning.rollout import Rollout, RolloutMaker
 from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
 from probe_lightning.settings import ProbeSettings
-from probe_lightning.trainer_loss import STD_EPS, TOKEN_COUNT_LOSSES, check_router_loss, clip_factor
+from probe_lightning.trainer_loss import STD_EPS, TOKEN_COUNT_LOSSES, check_router_loss, clip_factor, nanstd
 from probe_lightning.true_change import covariance_proxy, eta_sweep, score, true_change
 from probe_lightning.update import UpdateGeometry
 from probe_lightning.update_batch import UpdateBatch
@@ -435,5 +436,6 @@ class Probe:
             return 1.0
         factor = 1.0 / tokens_per_prompt if self.update_batch.trainer.loss_type in TOKEN_COUNT_LOSSES else 1.0
         if self.trainer.scale_rewards == "batch" and self.settings.G > 1:  # with G = 1 every A is 0
-            factor /= torch.cat(self.sums.update_rewards).std().item() + STD_EPS
+            std = nanstd(torch.cat(self.sums.update_rewards)).item()
+            factor = 0.0 if math.isnan(std) else factor / (std + STD_EPS)  # < 2 scored rewards: TRL's A are all 0
         return factor

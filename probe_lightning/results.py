@@ -172,6 +172,17 @@ def later_steps(trainer: TrainerSettings) -> str | None:
     )
 
 
+def _finite(value):
+    """value with every NaN or infinite float replaced by None, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def run_notes(
     update: str, G: int, G_E: int, entropy_target: str, estimator: str, trainer: TrainerSettings,
     reference_source: str | None = None,
@@ -231,8 +242,9 @@ def _trainer_notes(trainer: TrainerSettings, reference_source: str | None) -> li
 
 
 def write_json(path: Path, payload: dict) -> None:
-    """Atomically: a reader (or a crash) never sees a half-written file."""
+    """Atomically (a reader, or a crash, never sees a half-written file), and strict JSON: a number that is
+    not finite (a mean over nothing, a ratio to 0) is written as null."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.write_text(json.dumps(_finite(payload), indent=2, allow_nan=False))
     os.replace(tmp, path)

@@ -362,3 +362,14 @@ def test_unscored_responses_are_left_out_of_the_reward_mean_and_the_mixed_prompt
     mixed = [len(set(group)) > 1 for group, row in zip(scored, rows) if row["role"] == "U"]
     assert results["probes"][0]["mixed_update_fraction"] == sum(mixed) / 4
     assert math.isfinite(results["delta_h1"]) and math.isfinite(results["delta_h1_se"])
+
+
+def test_a_batch_nothing_scored_gives_zero_advantages_and_strict_json(world, prompts_file, tmp_path):
+    """TRL: no reward, no advantage (its nanstd of nothing is NaN, its advantages NaN -> 0): the step has no
+    reward gradient, and results.json writes the undefined reward mean as null, not NaN."""
+    flags = ["--data.reward_fn", "user_rewards:never_scores", "--model.trainer.scale_rewards", "batch"]
+    train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml", *flags))
+    text = results_file(tmp_path).read_text()
+    results = json.loads(text, parse_constant=lambda name: pytest.fail(f"results.json holds {name}"))
+    assert results["reward_mean"] is None and results["probes"][0]["mixed_update_fraction"] == 0
+    assert results["delta_h1"] == 0.0 and results["probes"][0]["y_norm"] == 0.0

@@ -17,3 +17,8 @@ NOT_A_FUNCTION = 3
 def even_token_sum(prompts, completions, completion_ids, **columns):
     """token_sum where it is even; None (not scored) where it is odd."""
     return [float(sum(ids)) if sum(ids) % 2 == 0 else None for ids in completion_ids]
+
+
+def never_scores(prompts, completions, **columns):
+    """None for every completion: nothing is scored."""
+    return [None for _ in completions]
