@@ -1,0 +1,1 @@
+"""The probe inside a training run: trl.py (a transformers TrainerCallback for TRL's GRPOTrainer)."""
