@@ -8,6 +8,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # the helper modules: tiny_models, enumerable_world, probe_helpers
 
 from enumerable_world import PROMPTS, save_world  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
 
 from probe_lightning.models import DEFAULT_MODEL, load_tokenizer  # noqa: E402
 
@@ -18,6 +19,16 @@ GSM8K = Path(__file__).parent / "data" / "gsm8k_test.jsonl"
 def tokenizer():
     """The default model's real tokenizer (pad == eos == <|im_end|>), left padding."""
     return load_tokenizer(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def base_folder(tokenizer, tmp_path_factory) -> Path:
+    """The tiny Llama (tiny_models.tiny_llama) before any training, saved as a model folder: the base model of
+    the tests' fine-tuning runs and TRL's reference model (beta > 0)."""
+    folder = tmp_path_factory.mktemp("base")
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

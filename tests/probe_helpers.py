@@ -89,3 +89,13 @@ def z_score(values: torch.Tensor, exact: float) -> tuple[float, float]:
     """(|mean - exact| / SE of the mean, SE of the mean)."""
     se = values.std().item() / math.sqrt(len(values))
     return abs(values.mean().item() - exact) / se, se
+
+
+def head_adam_state(path):
+    """A real AdamW state (one step) of the eos world's output layer [7, 16], saved at path; returns path."""
+    head = torch.nn.Parameter(torch.randn(7, 16, generator=torch.Generator().manual_seed(0)))
+    optimizer = torch.optim.AdamW([head])
+    head.grad = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
+    optimizer.step()
+    torch.save(optimizer.state_dict(), path)
+    return path

@@ -70,15 +70,6 @@ def hf_train(model, output_dir, **trainer_kwargs) -> tuple[Trainer, StepRecorder
 
 
 @pytest.fixture(scope="module")
-def base_folder(tokenizer, tmp_path_factory):
-    """The tiny model before fine-tuning, saved with save_pretrained (the offline base model)."""
-    folder = tmp_path_factory.mktemp("base")
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def hf_full(tokenizer, tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("hf_full")
     trainer, recorder = hf_train(tiny_llama(tokenizer), output_dir, processing_class=tokenizer)

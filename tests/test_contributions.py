@@ -5,7 +5,7 @@ import pytest
 import torch
 from enumerable_world import PROMPTS
 from eos_world import save_eos_world
-from probe_helpers import make_probe, prompt_batches
+from probe_helpers import head_adam_state, make_probe, prompt_batches
 
 from probe_lightning.config import TrainerConfig
 from probe_lightning.directional import directional_derivatives
@@ -31,12 +31,7 @@ def run(world, seed=13, **settings):
 def test_token_and_entropy_prompt_contributions_add_up_to_delta_h1(eos_world, tmp_path, loss_type, update):
     state = None
     if update == "adam_precondition":  # a real AdamW state of the output layer
-        head = torch.nn.Parameter(torch.randn(7, 16, generator=torch.Generator().manual_seed(0)))
-        optimizer = torch.optim.AdamW([head])
-        head.grad = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
-        optimizer.step()
-        state = tmp_path / "optimizer.pt"
-        torch.save(optimizer.state_dict(), state)
+        state = head_adam_state(tmp_path / "optimizer.pt")
     out = run(eos_world, optimizer_state=state and str(state), update=update,
               trainer=TrainerConfig(loss_type=loss_type, max_grad_norm=0.5))  # fmt: skip
     result, tables = out.finished, out.contributions
@@ -73,12 +68,7 @@ def test_each_entropy_prompt_share_is_the_forward_mode_derivative_of_its_loss_al
 
 
 def test_with_the_adamw_step_contributions_add_up_to_the_linearised_step(eos_world, tmp_path):
-    head = torch.nn.Parameter(torch.randn(7, 16))
-    optimizer = torch.optim.AdamW([head])
-    head.grad = torch.randn(7, 16)
-    optimizer.step()
-    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")
-    out = run(eos_world, optimizer_state=str(tmp_path / "optimizer.pt"), learning_rate=0.1)
+    out = run(eos_world, optimizer_state=str(head_adam_state(tmp_path / "optimizer.pt")), learning_rate=0.1)
     assert out.finished.contributions_add_up_to == "the linearised step"
     assert out.results.to_dict()["update"] == "adamw_step"
 

@@ -19,7 +19,7 @@ from cli_helpers import cli_args, results_file
 from enumerable_world import PROMPTS
 from eos_world import save_eos_world
 from peft import LoraConfig, get_peft_model
-from probe_helpers import TRAINABLE, make_probe, prompt_batches
+from probe_helpers import TRAINABLE, head_adam_state, make_probe, prompt_batches
 from user_rewards import even_token_sum, token_sum
 
 import train
@@ -179,12 +179,7 @@ def test_contributions_add_up_to_delta_h1_with_the_entropy_bonus_mask_and_kl_ter
 ):
     state = None
     if update == "adam_precondition":  # a real AdamW state of the output layer
-        head = torch.nn.Parameter(torch.randn(7, 16, generator=torch.Generator().manual_seed(0)))
-        optimizer = torch.optim.AdamW([head])
-        head.grad = torch.randn(7, 16, generator=torch.Generator().manual_seed(1))
-        optimizer.step()
-        state = tmp_path / "optimizer.pt"
-        torch.save(optimizer.state_dict(), state)
+        state = head_adam_state(tmp_path / "optimizer.pt")
     trainer = dict(
         loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5, mask_truncated_completions=True, beta=0.1,
         importance_sampling_level="sequence", max_grad_norm=0.5,

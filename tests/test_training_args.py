@@ -9,7 +9,6 @@ import datasets
 import pytest
 import torch
 import trl
-from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM
 from user_rewards import even_token_sum, token_sum
 
@@ -41,15 +40,6 @@ def grpo_config(output_dir, **overrides) -> trl.GRPOConfig:
         output_dir=str(output_dir), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
         **overrides,
     )
-
-
-@pytest.fixture(scope="module")
-def base_folder(tokenizer, tmp_path_factory):
-    """The model the run starts from, saved: TRL builds its reference model (beta > 0) from this path."""
-    folder = tmp_path_factory.mktemp("base")
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
