@@ -12,7 +12,7 @@ from probe_lightning.contributions import ProbeContributions
 from probe_lightning.plots import block_shares_figure, counterfactual_figure, eta_sweep_figure
 from probe_lightning.probe import ProbeVectors, StepOutput
 from probe_lightning.report import write_report
-from probe_lightning.results import ProbeResult, RunResults, write_json
+from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults, token_selections, write_json
 from probe_lightning.vectors import save_vectors
 
 
@@ -83,8 +83,9 @@ class DeltaH1Logger(pl.Callback):
         finally:
             if bars_were_on:
                 datasets.enable_progress_bars()
-        if counterfactuals:
-            figure = counterfactual_figure(counterfactuals, f"probe {k}: δH₁ of a step on selected tokens only")
+        selections = token_selections(counterfactuals or {})
+        if selections:
+            figure = counterfactual_figure(selections, f"probe {k}: δH₁ of a step on selected tokens only")
             figure.savefig(folder / f"counterfactuals_probe{k}.png")
             plt.close(figure)
 
@@ -140,10 +141,31 @@ class DeltaH1Logger(pl.Callback):
                 f"{results['update']}, loss: {results['trainer']['loss_type']['value']}, "
                 f"mixed U prompts: {results['mixed_update_fraction']:.0%}){empty}{later}"
             )
+        line = entropy_coef_line(results["probes"])
+        if line:
+            rank_zero_info(line)
         for probe in results["probes"]:
             if probe.get("next_checkpoint"):
                 rank_zero_info(next_checkpoint_line(probe["probe_index"], probe["next_checkpoint"]))
         rank_zero_info(f"results: {self.path}")
+
+
+def entropy_coef_line(probes: list[dict]) -> str | None:
+    """The entropy_coef that holds the entropy steady, per probe, for the printed summary (None without one)."""
+    parts = []
+    for probe in probes:
+        entry = (probe.get("counterfactuals") or {}).get(ENTROPY_COEF_FOR_ZERO)
+        if entry is None:
+            continue
+        if not entry["exists"]:
+            parts.append(f"probe {probe['probe_index']}: none >= 0 ({entry['note']})")
+            continue
+        se = f" ± {entry['se']:.2g}" if entry["se"] is not None else ""
+        at = f"δH₁ = {entry['delta_h1_at_checkpoint_coef']:.4g} at the checkpoint's {entry['checkpoint_coef']:.4g}"
+        if entry["checkpoint_coef"] != 0:
+            at += f", {entry['delta_h1_at_zero_coef']:.4g} at 0"
+        parts.append(f"probe {probe['probe_index']}: c* = {entry['value']:.4g}{se} ({at})")
+    return "entropy_coef c* with δH₁(c*) = 0: " + "; ".join(parts) if parts else None
 
 
 def next_checkpoint_line(k: int, nxt: dict) -> str:

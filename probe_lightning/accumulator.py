@@ -25,11 +25,11 @@ class RoleCounts:
 
 
 class ProbeSums:
-    """ΣX = Σ_{p∈E} X(p) and ΣY = Σ_{p∈U} ∇J(p) in float32, with the counts of one probe (docs/math.md).
-
+    """ΣX = Σ_{p∈E} X(p) and ΣY = Σ_{p∈U} ∇J(p) in float32, with the counts of one probe (docs/math.md); with
+    bonus, also ΣB = Σ_{p∈U} ∇(p's entropy bonus per unit coefficient), for the entropy_coef counterfactual (§9).
     """
 
-    def __init__(self, named_params: NamedParams):
+    def __init__(self, named_params: NamedParams, bonus: bool = False):
         self.params = [p for _, p in named_params]
 
         def zeros():  # float32, or the parameters' own dtype where it is wider
@@ -37,15 +37,21 @@ class ProbeSums:
 
         self.sum_x = zeros()
         self.sum_y = zeros()
+        self.sum_b = zeros() if bonus else None
         self.counts = {"E": RoleCounts(), "U": RoleCounts()}
         # The U batch's scored rewards, flattened, NaN left out: their std is TRL's nanstd (scale_rewards batch).
         self.update_rewards: list[torch.Tensor] = []
 
     def add_gradient(
-        self, sums: list[torch.Tensor], loss: torch.Tensor, directions: list[list[torch.Tensor]] = ()
+        self,
+        sums: list[torch.Tensor],
+        loss: torch.Tensor,
+        directions: list[list[torch.Tensor]] = (),
+        retain_graph: bool = False,
     ) -> list[float]:
         """sums += ∇loss, each parameter's gradient added as soon as backward completes it, then dropped;
-        with directions, also ⟨∇loss, d⟩ for each (float64), taken from the same gradients.
+        with directions, also ⟨∇loss, d⟩ for each (float64), taken from the same gradients. retain_graph: the
+        graph stays for a second loss of the same forward (the entropy bonus's, into ΣB).
 
         As in a plain loss.backward() into existing .grad, the whole gradient never exists at once
         (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak);
@@ -76,7 +82,7 @@ class ProbeSums:
             for p in self.params:
                 p.grad = None
             with output_weight_gradients_into(sinks):
-                loss.backward(inputs=self.params)
+                loss.backward(inputs=self.params, retain_graph=retain_graph)
         finally:
             for handle in handles:
                 handle.remove()
@@ -113,11 +119,13 @@ class ProbeSums:
         return (e.entropy_sum + u.entropy_sum) / max(e.tokens + u.tokens, 1)
 
     def all_reduce(self, collectives: Collectives) -> None:
-        """With several processes, ΣY and the counts become their totals over all of them (SUM, never a
+        """With several processes, ΣY (ΣB) and the counts become their totals over all of them (SUM, never a
         mean); ΣX is summed after the E pass, which needs Ȳ and the E counts first."""
         if not collectives.active:
             return
         collectives.sum_(self.sum_y)
+        if self.sum_b is not None:
+            collectives.sum_(self.sum_b)
         names = [f.name for f in fields(RoleCounts)]
         totals = torch.tensor([float(getattr(self.counts[r], n)) for r in "EU" for n in names], dtype=torch.float64)
         collectives.sum_([totals])

@@ -47,6 +47,7 @@ class EntropyProbe(pl.LightningModule):
         eta_sweep: list[float] | None = None,
         save_vectors: bool = False,
         next_checkpoint: str | None = None,
+        entropy_coef_for_zero: bool = True,
         reference: str | None = None,
     ):
         """
@@ -81,6 +82,9 @@ class EntropyProbe(pl.LightningModule):
                 NAME the parameter's key in the checkpoint's weights file.
             next_checkpoint: a later checkpoint of the same run as `checkpoint`: the step the trainer really
                 took, held against the prediction (results.json's next_checkpoint, per probe).
+            entropy_coef_for_zero: with standard_error, also find the entropy_coef c* whose step leaves the entropy
+                unchanged (a counterfactual, with its SE); costs one more backward over the U batch and one more
+                model-sized sum (~+20% of a probe on small models).
             reference: with trainer beta != 0, the KL term's reference model (a local folder or cached HF id): the
                 model full fine-tuning started from. None: TRL's own (a LoRA checkpoint's base with the adapter
                 disabled; a full checkpoint's config.json _name_or_path if it is a local folder; model.model for
@@ -90,6 +94,7 @@ class EntropyProbe(pl.LightningModule):
         self.settings = ProbeSettings(
             model, checkpoint, optimizer_state, update, learning_rate, G, G_E, entropy_target, estimator, trainer,
             sampling, generation, standard_error, eta_sweep, save_vectors, next_checkpoint, reference,
+            entropy_coef_for_zero,
         )  # fmt: skip
         self.save_hyperparameters()
         self.policy = None

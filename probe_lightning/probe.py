@@ -20,8 +20,9 @@ from probe_lightning.contributions import ProbeContributions
 from probe_lightning.data import PromptBatch
 from probe_lightning.directional import directional_derivatives
 from probe_lightning.distributed import Collectives
+from probe_lightning.entropy_coef import CoefficientStep, entropy_coef_for_zero, entropy_directions
 from probe_lightning.next_checkpoint import NextCheckpoint, step_agreement
-from probe_lightning.results import ProbeResult, RunResults
+from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults
 from probe_lightning.rollout import Rollout, RolloutMaker
 from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
 from probe_lightning.settings import ProbeSettings
@@ -112,7 +113,12 @@ class Probe:
         self.x_weights = [1.0]  # X(p) = ∇ Σ_k x_weights[k] (entropy column k)
         # (E prompt id, {direction: ⟨X(e), direction⟩}): a_e along Ȳ (the standard error), along Δθ_real
         self.entropy_derivatives: list[tuple[int, dict[str, float]]] = []
-        self.sums = ProbeSums(named_params)
+        # With the standard error and a TRL loss, ΣB too: the entropy bonus's gradient per unit coefficient, for the
+        # entropy_coef that holds the entropy steady (entropy_coef.py)
+        self.with_bonus_sum = (
+            settings.standard_error and settings.entropy_coef_for_zero and self.trainer.loss_type != "seed"
+        )
+        self.sums = ProbeSums(named_params, bonus=self.with_bonus_sum)
         # This probe's microbatches (U, then E) with their scores at θ: for the directional-derivative pass,
         # the contributions, the covariance proxy and the η sweep; and its V batch for the sweep.
         self.scored: list[tuple[Rollout, TeacherForcing]] = []
@@ -180,6 +186,11 @@ class Probe:
         coefficients, bonus = self.update_batch.coefficients(rollout, tf.token_logprobs.detach())
         loss = (coefficients * tf.token_logprobs).sum((1, 2))
         return loss if bonus is None else loss + (bonus * tf.token_entropies).sum((1, 2))
+
+    def bonus_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
+        """[B]: ∇ of prompt p's entry is its piece of g_b, the entropy bonus's gradient at coefficient 1, up to
+        bonus_scale."""
+        return (self.update_batch.bonus_coefficients(rollout) * tf.token_entropies).sum((1, 2))
 
     # ---- accumulation and the finished probe ----
 
@@ -252,8 +263,11 @@ class Probe:
                         along = self.sums.add_gradient(self.sums.sum_x, loss, list((directions or {}).values()))
                         if directions:
                             self.entropy_derivatives.append((micro.prompt_ids[0], dict(zip(directions, along))))
-                    else:
+                    elif self.sums.sum_b is None:
                         self.sums.add_gradient(self.sums.sum_y, self.update_loss(micro, tf).sum())
+                    else:  # the same forward's bonus, per unit coefficient, into ΣB
+                        self.sums.add_gradient(self.sums.sum_y, self.update_loss(micro, tf).sum(), retain_graph=True)
+                        self.sums.add_gradient(self.sums.sum_b, self.bonus_loss(micro, tf).sum())
                 scored.append((micro, tf.detached()))
         self.scored.extend(scored)
         token_entropies = torch.cat([tf.token_entropies for _, tf in scored])
@@ -277,14 +291,19 @@ class Probe:
             batch_scale = self._batch_scale(u.tokens / B_U)
             if batch_scale != 1.0:
                 grad_j = [g.mul_(batch_scale) for g in grad_j]
-            clip = clip_factor(estimators.norm(grad_j), self.trainer.max_grad_norm)
+            grad_norm = estimators.norm(grad_j)
+            clip = clip_factor(grad_norm, self.trainer.max_grad_norm)
             if clip != 1.0:
                 grad_j = [g.mul_(clip) for g in grad_j]
             y_bar = self.geometry.step_direction(grad_j, params)
+            step = self._coefficient_step(grad_j, grad_norm, clip, u.tokens / B_U)
         if self.settings.entropy_target == "token_mean":
             require(e.tokens > 0, f"probe {probe_index}: every E response is empty, so token_mean is undefined")
             self.x_weights = estimators.token_mean_weights(e.entropy_sum, e.tokens, e.responses)
         directions = {"y_bar": y_bar} if self.settings.standard_error else {}
+        if step is not None:
+            with self.results.timed("finish_probe"):
+                directions.update(entropy_directions(self.geometry, step, params))
         if self.next_checkpoint is not None:  # Δθ_real = θ′ − θ
             directions["real_step"] = [
                 (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
@@ -322,7 +341,7 @@ class Probe:
         contributions = None
         if self.settings.standard_error:
             with self.results.timed("standard_error"):
-                contributions = self._contributions(result, params)
+                contributions = self._contributions(result, params, step)
         if self.settings.eta_sweep:
             entropy_batch = [(r, tf) for r, tf in self.scored if r.role == "E"]
             with self.results.timed("eta_sweep"):
@@ -331,16 +350,18 @@ class Probe:
                     self.evaluation, entropy_batch, self.settings.entropy_target, result.covariance,
                     self.collectives.gather,
                 )  # fmt: skip
-        self.sums, self.scored, self.evaluation = ProbeSums(self.named_params), [], []
+        self.sums, self.scored, self.evaluation = ProbeSums(self.named_params, bonus=self.with_bonus_sum), [], []
         self.entropy_derivatives = []
         self.results.probes.append(result)
         self.contributions = contributions
         return result
 
-    def _contributions(self, result: ProbeResult, params: list[torch.Tensor]) -> ProbeContributions:
+    def _contributions(
+        self, result: ProbeResult, params: list[torch.Tensor], step: CoefficientStep | None
+    ) -> ProbeContributions:
         """The plug-in SE from a_e per E prompt (kept by the E pass) and b_u per U prompt, and every sample's
         share of δH₁: η a_e / B_E per E prompt, d_{u,g,t} = η c ⟨v, ∇log q(y_t)⟩ / B_U per U token, from one
-        forward-mode pass over the U batch along v."""
+        forward-mode pass over the U batch along v; with step, the entropy_coef that holds the entropy steady."""
         vectors, scale = self.vectors, self.geometry.scale
         B_E, B_U = result.B_E, result.B_U
         update = [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
@@ -348,20 +369,24 @@ class Probe:
         # Each token's share: its log q's derivative times its coefficient, plus, with an entropy bonus, its H_t's
         # derivative times the bonus's coefficient (both from the one forward-mode pass).
         bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
+        entropies = bonus or step is not None  # H_t's derivatives: the bonus's share, and g_b's b_u^b
         derivatives = directional_derivatives(
             self.processor, self.named_params, [micro for micro, _ in update], direction,
-            (lambda micro, tf: torch.stack([tf.token_logprobs, tf.token_entropies])) if bonus
+            (lambda micro, tf: torch.stack([tf.token_logprobs, tf.token_entropies])) if entropies
             else (lambda micro, tf: tf.token_logprobs),
         )  # fmt: skip
         local = ProbeContributions(result.probe_index)
-        b_u, update_ids = [], []
+        b_u, bonus_b, update_ids = [], [], []
         for (micro, derivative), (_, tf) in zip(derivatives, update):
             coefficients, bonus_coefficients = self.update_batch.coefficients(micro, tf.token_logprobs)
-            token_b = coefficients.double() * (derivative[0] if bonus else derivative)
+            token_b = coefficients.double() * (derivative[0] if entropies else derivative)
             if bonus:
                 token_b = token_b + bonus_coefficients.double() * derivative[1]
             token_b = token_b * vectors.update_scale
             b_u.append(token_b.sum((1, 2)))
+            if step is not None:  # b_u^b = ⟨v, this prompt's piece of g_b⟩
+                unit = self.update_batch.bonus_coefficients(micro).double()
+                bonus_b.append((unit * derivative[1]).sum((1, 2)) * step.bonus_scale)
             update_ids.extend(micro.prompt_ids)
             per_token = scale * token_b / B_U
             local.add_rollout(
@@ -370,7 +395,8 @@ class Probe:
         for micro, tf in self.scored:  # E responses: in the tables, their share is their prompt's
             if micro.role == "E":
                 local.add_rollout(micro, None, None, tf.token_logprobs, tf.token_entropies, self.processor.tokenizer)
-        shares = self.collectives.gather((self.entropy_derivatives, torch.cat(b_u).cpu(), update_ids, local))
+        bonus_b = torch.cat(bonus_b).cpu() if bonus_b else None
+        shares = self.collectives.gather((self.entropy_derivatives, torch.cat(b_u).cpu(), update_ids, local, bonus_b))
         entropy = [(prompt_id, along["y_bar"]) for share in shares for prompt_id, along in share[0]]
         a_e = torch.tensor([a for _, a in entropy], dtype=torch.float64)
         b_u, update_ids = torch.cat([s[1] for s in shares]), [i for s in shares for i in s[2]]
@@ -383,7 +409,28 @@ class Probe:
         result.top_responses = contributions.top_responses()
         result.top_tokens = contributions.top_tokens()
         result.counterfactuals = contributions.counterfactuals()
+        if step is not None:
+            along = [along for share in shares for _, along in share[0]]
+            entropy_terms = {name: torch.tensor([a[name] for a in along], dtype=torch.float64) for name in along[0]}
+            result.counterfactuals[ENTROPY_COEF_FOR_ZERO] = entropy_coef_for_zero(
+                self.geometry, step, vectors.x_bar, params, result.delta_h1, entropy_terms, b_u,
+                torch.cat([s[4] for s in shares]), self.trainer.use_adaptive_entropy,
+            )  # fmt: skip
         return contributions
+
+    def _coefficient_step(
+        self, grad_j: list[torch.Tensor], grad_norm: float, clip: float, tokens_per_prompt: float
+    ) -> CoefficientStep | None:
+        """∇J̄ as a function of the entropy coefficient, from ΣY and ΣB (None without ΣB): g_b = ΣB / B_U times the
+        bonus's normaliser where it is not in the coefficients (a U batch not held: 1 / its tokens per prompt)."""
+        if self.sums.sum_b is None:
+            return None
+        bonus_scale = 1.0 if self.update_batch.holds else 1.0 / tokens_per_prompt
+        B_U = self.sums.counts["U"].prompts
+        bonus_grad = [s.div_(B_U).mul_(bonus_scale) for s in self.sums.sum_b]
+        return CoefficientStep(
+            grad_j, bonus_grad, grad_norm, clip, self.trainer.entropy_bonus, self.trainer.max_grad_norm, bonus_scale
+        )
 
     def _against_next_checkpoint(self, result: ProbeResult, real_step: list[torch.Tensor]) -> dict:
         """The step the trainer really took, Δθ_real = θ′ − θ, beside the predicted one: the first-order change

@@ -10,6 +10,8 @@ import html
 import math
 from pathlib import Path
 
+from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, token_selections
+
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #1f2328; line-height: 1.45; }
@@ -132,7 +134,9 @@ def _probe_section(probe: dict, folder: Path, scale: float) -> str:
         parts.append("<h3>Counterfactual token selections: δH₁ of a step trained only on them</h3>")
         parts.append(_image(counterfactual_png, f"probe {k}: δH₁ per token selection"))
         if probe.get("counterfactuals"):
-            parts.append(_counterfactual_table(probe["counterfactuals"]))
+            parts.append(_counterfactual_table(token_selections(probe["counterfactuals"])))
+        if (probe.get("counterfactuals") or {}).get(ENTROPY_COEF_FOR_ZERO):
+            parts.append(_entropy_coef_table(probe["counterfactuals"][ENTROPY_COEF_FOR_ZERO]))
     if probe.get("top_responses"):
         parts.append("<h3>Top responses by |contribution|</h3>")
         parts.append(_legend(probe.get("contributions_add_up_to"), scale))
@@ -186,6 +190,25 @@ def _counterfactual_table(counterfactuals: dict) -> str:
         rows.append([name, entry["delta_h1"], share, entry.get("tokens"), entry.get("fraction"), removed])
     header = ["selection", "δH₁", "δH₁ / δH₁(all)", "tokens", "fraction of tokens", "δH₁ of the left-out tokens"]
     return _table(header, rows)
+
+
+def _entropy_coef_table(entry: dict) -> str:
+    """The entropy_coef c* whose step leaves the entropy unchanged, beside δH₁ at the checkpoint's coefficient, at 0."""
+    value = "none in entropy_coef ≥ 0" if not entry["exists"] else entry["value"]
+    rows = [
+        ["entropy_coef c* with δH₁(c*) = 0", value, entry["se"] if entry["exists"] else None],
+        [f"δH₁ at the checkpoint's entropy_coef ({_number(entry['checkpoint_coef'])})",
+         entry["delta_h1_at_checkpoint_coef"], None],
+        ["δH₁ at entropy_coef 0", entry["delta_h1_at_zero_coef"], None],
+        ["∂δH₁/∂entropy_coef at c*", entry.get("delta_h1_slope"), None],
+    ]  # fmt: skip
+    parts = [
+        f"<h3>The entropy bonus that holds the entropy steady ({html.escape(entry['method'])})</h3>",
+        _table(["", "value", "SE"], rows),
+    ]
+    if entry.get("note"):
+        parts.append(f'<p class="meta">{html.escape(entry["note"])}</p>')
+    return "\n".join(parts)
 
 
 def _legend(adds_up_to: str | None, scale: float) -> str:

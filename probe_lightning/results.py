@@ -49,7 +49,9 @@ class ProbeResult:
     contributions_add_up_to: str | None = None
     top_responses: list[dict] | None = None  # the 10 responses with the largest |contribution|, with tokens
     top_tokens: list[dict] | None = None  # the 10 U tokens with the largest |contribution|
-    counterfactuals: dict[str, dict] | None = None  # δH₁ of the step trained only on token selections
+    # δH₁ of the step trained only on token selections ({delta_h1, tokens, fraction, removed_delta_h1} by name), and
+    # ENTROPY_COEF_FOR_ZERO: the entropy_coef c* whose step leaves the entropy unchanged (entropy_coef.py)
+    counterfactuals: dict[str, dict] | None = None
     # ⟨X̄_k, Δθ_k⟩ per parameter tensor (by its checkpoint key) and summed per block (embeddings, each decoder
     # layer, final norm, output head): where in the network δH₁ comes from; each set adds up to delta_h1
     parameter_shares: dict[str, float] | None = None
@@ -111,14 +113,42 @@ class RunResults:
         results = {**asdict(self.info), "preconditioner": self.info.preconditioner}
         results["probes"] = [asdict(p) for p in self.probes]
         if any(p.mixed_update_fraction == 0 for p in self.probes):
-            results["empty"] = NO_MIXED_OUTCOMES
+            results["empty"] = no_mixed_outcomes(self.info.update, self.info.trainer)
         return summarise(results)
+
+
+# The counterfactual entry that is not a token selection: {value, se, exists, delta_h1_at_checkpoint_coef,
+# checkpoint_coef, delta_h1_at_zero_coef, delta_h1_slope (∂δH₁/∂c at c*), method ("linear" | "root search"), note}
+ENTROPY_COEF_FOR_ZERO = "entropy_coef_for_zero"
+
+
+def token_selections(counterfactuals: dict[str, dict]) -> dict[str, dict]:
+    """A probe's counterfactual token selections, without the entropy_coef entry."""
+    return {name: entry for name, entry in counterfactuals.items() if name != ENTROPY_COEF_FOR_ZERO}
 
 
 NO_MIXED_OUTCOMES = (
     "every U prompt's responses got the same reward, so every advantage is 0 and δH₁ = 0 says nothing "
     "about the step: use a larger G, prompts the model solves sometimes, or a reward with partial credit"
 )
+
+
+def no_mixed_outcomes(update: str, trainer: dict[str, dict]) -> str:
+    """What δH₁ is when no U prompt had mixed outcomes: 0 for a plain step, else the step the trainer takes
+    anyway (AdamW's momentum and weight decay, an entropy bonus, a KL term), which does not learn from rewards."""
+    anyway = [name for name, present in (
+        ("AdamW's momentum and weight decay", update == "adamw_step"),
+        ("the entropy bonus", bool(trainer.get("entropy_coef", {}).get("value"))),
+        ("the KL term", bool(trainer.get("beta", {}).get("value"))),
+    ) if present]  # fmt: skip
+    if not anyway:
+        return NO_MIXED_OUTCOMES
+    return (
+        "every U prompt's responses got the same reward, so every advantage is 0 and the rewards give the step "
+        f"no gradient: δH₁ is the entropy change of what the trainer's step does without them ({', '.join(anyway)}), "
+        "not of learning from this batch: use a larger G, prompts the model solves sometimes, or a reward with "
+        "partial credit"
+    )
 
 
 def summarise(results: dict) -> dict:

@@ -10,7 +10,7 @@ token's coefficient is exact when its microbatch is teacher-forced, so the per-p
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -156,28 +156,40 @@ class UpdateBatch:
         the probe's update_scale; c_H (the entropy bonus's) None without a bonus. A held batch's are exact, every
         batch-level factor included (B_U times the step's, as the probe divides ΣY by B_U; update_scale is the
         clip factor only). token_logprobs: log q at θ, the KL term's (with beta != 0)."""
+        return self._coefficients(self.trainer, rollout, token_logprobs)
+
+    def bonus_coefficients(self, rollout: Rollout) -> torch.Tensor:
+        """[B, G, R] the entropy bonus's c_H per unit entropy_coef (TRL's loss type; not "seed", which has no bonus):
+        prompt p's piece of g_b, the bonus's gradient at coefficient 1, is ∇ Σ c_H H_t, up to the probe's bonus_scale.
+        A held batch's are exact (m_eff / Σ m_eff, times B_U); otherwise the mask, Σ m being applied at the end."""
+        unit = replace(self.trainer, entropy_coef=1.0, use_adaptive_entropy=False, beta=0.0)
+        return self._coefficients(unit, rollout, None)[1]
+
+    def _coefficients(
+        self, trainer: TrainerSettings, rollout: Rollout, token_logprobs: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.holds:
-            return self._whole_batch_coefficients(rollout, token_logprobs)
+            return self._whole_batch_coefficients(trainer, rollout, token_logprobs)
         mask = rollout.batch.response_mask.float()
         G = rollout.batch.num_responses_per_prompt
-        if self.trainer.loss_type == "seed":
+        if trainer.loss_type == "seed":
             return (rollout.advantages / rollout.max_lengths[:, None] / G)[..., None] * mask, None
-        # The token-count losses divide by the U batch's token count: 1 here, the count in the probe's update_scale.
-        coefficients, _ = trainer_coefficients(
-            self.trainer, rollout.advantages, mask, max_lengths=rollout.max_lengths, num_sequences=G,
-            num_tokens=1.0 if self.trainer.loss_type in TOKEN_COUNT_LOSSES else None,
+        # The token-count losses divide by the U batch's token count, and so does the bonus (without a held batch
+        # its tokens are the loss mask's): 1 here, the count in the probe's update_scale and bonus_scale.
+        return trainer_coefficients(
+            trainer, rollout.advantages, mask, max_lengths=rollout.max_lengths, num_sequences=G,
+            num_tokens=1.0 if trainer.loss_type in TOKEN_COUNT_LOSSES else None, bonus_tokens=1.0,
         )  # fmt: skip
-        return coefficients, None
 
     def _whole_batch_coefficients(
-        self, rollout: Rollout, token_logprobs: torch.Tensor | None
+        self, trainer: TrainerSettings, rollout: Rollout, token_logprobs: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         counts, ids = self.counts, rollout.prompt_ids
         keep = torch.stack([self.entropy_masks[i] for i in ids]) if counts.threshold is not None else None
         c, c_h = trainer_coefficients(
-            self.trainer, rollout.advantages * counts.advantage_scale, torch.stack([self.loss_masks[i] for i in ids]),
+            trainer, rollout.advantages * counts.advantage_scale, torch.stack([self.loss_masks[i] for i in ids]),
             num_sequences=counts.sequences, num_tokens=counts.tokens, keep=keep, token_logprobs=token_logprobs,
-            ref_logprobs=self._reference_logprobs(rollout) if self.reference else None,
+            ref_logprobs=self._reference_logprobs(rollout) if trainer.beta else None,
             bonus_tokens=counts.bonus_tokens,
         )  # fmt: skip
         return c * counts.prompts, None if c_h is None else c_h * counts.prompts

@@ -207,7 +207,10 @@ def test_a_run_writes_the_sample_tables_the_counterfactual_chart_and_a_report(wo
     assert tokens[tokens.role == "U"].contribution.sum() == pytest.approx(results["delta_h1"], rel=1e-4)
     probe = results["probes"][0]
     assert len(probe["top_tokens"]) == 10 and len(probe["top_responses"]) == 10
-    assert {"all", "top_entropy_0.2", "top_entropy_0.5", "clip_cov", "kl_cov"} == probe["counterfactuals"].keys()
+    selections = {"all", "top_entropy_0.2", "top_entropy_0.5", "clip_cov", "kl_cov"}
+    assert selections | {"entropy_coef_for_zero"} == probe["counterfactuals"].keys()
+    entropy_coef = probe["counterfactuals"]["entropy_coef_for_zero"]
+    assert entropy_coef["delta_h1_at_checkpoint_coef"] == probe["delta_h1"] and entropy_coef["method"] == "linear"
     assert (folder / "counterfactuals_probe0.png").exists()
     page = (folder / "report.html").read_text()
     headline = re.search(r"δH₁ = (\S+) ± (\S+) nats", page)

@@ -7,7 +7,7 @@ import pytest
 
 from probe_lightning.plots import counterfactual_figure, eta_sweep_figure
 from probe_lightning.report import write_report
-from probe_lightning.results import NO_MIXED_OUTCOMES
+from probe_lightning.results import NO_MIXED_OUTCOMES, no_mixed_outcomes
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
@@ -191,3 +191,41 @@ def test_counterfactual_figure_labels_each_selection_with_its_fraction_of_tokens
     ]  # fmt: skip
     assert widths == [-0.0123, -0.0151, -0.0137, -0.0119, -0.0101]
     assert axes.get_xlabel() == "δH₁ of a step trained only on these tokens (nats)"
+
+
+ENTROPY_COEF = {
+    "value": 0.0877, "se": 0.031, "exists": True, "delta_h1_at_checkpoint_coef": -0.0123, "checkpoint_coef": 0.0,
+    "delta_h1_at_zero_coef": -0.0123, "delta_h1_slope": 0.14, "method": "root search", "note": None,
+}  # fmt: skip
+
+
+def report_with_entropy_coef(tmp_path, entry: dict) -> Page:
+    probe = {**RESULTS["probes"][0], "counterfactuals": {**COUNTERFACTUALS, "entropy_coef_for_zero": entry}}
+    return Page(write_report({**RESULTS, "probes": [probe]}, tmp_path).read_text(encoding="utf-8"))
+
+
+def test_the_entropy_coef_that_holds_the_entropy_is_tabled_beside_the_token_selections(tmp_path):
+    text = "".join(report_with_entropy_coef(tmp_path, ENTROPY_COEF).text)
+    selections = text.index("Counterfactual token selections")
+    table = text.index("The entropy bonus that holds the entropy steady (root search)")
+    assert selections < table < text.index("Top responses by |contribution|")
+    assert "entropy_coef c* with δH₁(c*) = 00.08770.031" in text  # the row: name, value, SE
+    assert "δH₁ at the checkpoint's entropy_coef (0)-0.0123" in text and "δH₁ at entropy_coef 0-0.0123" in text
+    assert "entropy_coef_for_zero" not in text  # not a row of the token selections' table
+
+
+def test_no_entropy_coef_in_range_is_said_with_its_reason(tmp_path):
+    note = "the step already raises the entropy: only a negative entropy_coef (-0.04, an entropy penalty) would hold it"
+    entry = {**ENTROPY_COEF, "value": -0.04, "exists": False, "method": "linear", "note": note}
+    text = "".join(report_with_entropy_coef(tmp_path, entry).text)
+    assert "entropy_coef c* with δH₁(c*) = 0none in entropy_coef ≥ 0—" in text and note in text
+
+
+def test_no_mixed_outcomes_says_what_delta_h1_is_when_the_step_moves_anyway():
+    """With every advantage 0 a plain step is 0; AdamW's momentum, an entropy bonus or a KL term still move θ."""
+    plain = {"entropy_coef": {"value": 0.0}, "beta": {"value": 0.0}}
+    assert no_mixed_outcomes("identity", plain) == NO_MIXED_OUTCOMES
+    adam = no_mixed_outcomes("adamw_step", plain)
+    assert "AdamW's momentum and weight decay" in adam and "δH₁ = 0" not in adam
+    bonus = no_mixed_outcomes("identity", {"entropy_coef": {"value": 0.01}, "beta": {"value": 0.04}})
+    assert "(the entropy bonus, the KL term)" in bonus
