@@ -195,8 +195,9 @@ class Probe:
     # ---- accumulation and the finished probe ----
 
     def evaluate(self, rollout: Rollout) -> StepOutput:
-        """An evaluation (V) batch: scored at θ and kept for the η sweep; it adds nothing to the sums."""
-        with self.results.timed("eta_sweep"):
+        """An evaluation (V) batch: scored at θ and kept for the true change (the η sweep, the next checkpoint);
+        it adds nothing to the sums."""
+        with self.results.timed("evaluation"):
             tf = self.processor.teacher_force_logprobs(rollout.batch)
         for check in self.checks:
             check.check_scores(rollout, tf)
