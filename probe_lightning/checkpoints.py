@@ -147,8 +147,7 @@ def _load_hf(folder: Path, base_model: str | None, require_optimizer_state: bool
             f"{source} has no optimizer.pt (it holds {found}): the Adam preconditioner needs the optimizer state: "
             "pass a Trainer checkpoint-N/ saved without save_only_model, or set model.update: identity (P = 1)"
         )
-    trainer_state = folder / "trainer_state.json"
-    global_step = _read_json(trainer_state, source).get("global_step") if trainer_state.is_file() else None
+    global_step = trainer_global_step(folder, source)
     return _finish(
         model, tokenizer, checkpoint_format, state_dict, f"{source} optimizer.pt", require_optimizer_state, global_step
     )
@@ -185,6 +184,12 @@ def _tokenizer(folder: Path, base_model: str | None, base_tokenizer, source: str
         return base_tokenizer
     require(base_model, f"{source} has no tokenizer files: pass base_model (the model it was fine-tuned from)")
     return load_tokenizer(base_model)
+
+
+def trainer_global_step(folder: Path, source: str) -> int | None:
+    """The optimizer steps an HF Trainer checkpoint folder had taken (trainer_state.json), None without the file."""
+    trainer_state = folder / "trainer_state.json"
+    return _read_json(trainer_state, source).get("global_step") if trainer_state.is_file() else None
 
 
 def _read_json(file: Path, source: str) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from probe_lightning.checkpoints import LoadedCheckpoint
+from probe_lightning.checkpoints import LoadedCheckpoint, trainer_global_step
 from probe_lightning.config import ProbeConfigError, require
 from probe_lightning.optimizer_state import load_torch_file
 
@@ -59,7 +59,7 @@ def load_next_checkpoint(
     if found != "lightning":
         config = "adapter_config.json" if found == "hf_lora" else "config.json"
         _same_config(folder / config, Path(checkpoint_path) / config, flag, checkpoint_path)
-    stored, global_step = _read_weights(folder, found, flag)
+    stored, global_step = _read_weights(folder, found, flag, keys)
     require(
         global_step is not None and checkpoint.global_step is not None,
         f"{flag}: cannot count the steps between the checkpoints: global_step is {global_step} there and "
@@ -72,7 +72,7 @@ def load_next_checkpoint(
     )
     weights = []
     for key, (_, param) in zip(keys, named_params, strict=True):
-        weight = stored(key)
+        weight = stored.get(key)
         require(
             weight is not None,
             f"{flag} has no weight {key!r}, which model.checkpoint {checkpoint_path!r} trains: another model "
@@ -97,32 +97,28 @@ def _same_config(next_file: Path, this_file: Path, flag: str, checkpoint_path: s
             )
 
 
-def _read_weights(folder: Path, found: str, flag: str):
-    """(key -> tensor or None, global_step) of a checkpoint, reading only the tensors asked for."""
+def _read_weights(folder: Path, found: str, flag: str, keys: list[str]) -> tuple[dict[str, torch.Tensor], int | None]:
+    """({key: tensor} of the `keys` the checkpoint stores, global_step), each weights file opened once and only
+    the tensors asked for read."""
     if found == "lightning":
         saved = load_torch_file(folder, flag, "pass a later checkpoint of the same run")
         state = saved.get("state_dict", {})
-        return state.get, saved.get("global_step")
-    state_file = folder / "trainer_state.json"
-    global_step = json.loads(state_file.read_text()).get("global_step") if state_file.is_file() else None
+        return {key: state[key] for key in keys if key in state}, saved.get("global_step")
     if found == "hf_lora":
-        files = {None: folder / "adapter_model.safetensors"}
+        files = {key: "adapter_model.safetensors" for key in keys}
     elif (folder / "model.safetensors.index.json").is_file():
         weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
-        files = {key: folder / name for key, name in weight_map.items()}
+        files = {key: weight_map[key] for key in keys if key in weight_map}
     else:
-        files = {None: folder / "model.safetensors"}
-    missing = sorted({str(f.name) for f in files.values() if not f.is_file()})
+        files = {key: "model.safetensors" for key in keys}
+    missing = sorted({name for name in files.values() if not (folder / name).is_file()})
     require(not missing, f"{flag} lacks its weights file {missing}: only safetensors checkpoints are read")
-
-    def stored(key: str) -> torch.Tensor | None:
-        file = files.get(key, files.get(None))
-        if file is None:
-            return None
-        with safe_open(str(file), framework="pt") as weights:
-            return weights.get_tensor(key) if key in weights.keys() else None
-
-    return stored, global_step
+    stored = {}
+    for name in sorted(set(files.values())):
+        with safe_open(str(folder / name), framework="pt") as weights:
+            present = set(weights.keys())
+            stored.update({key: weights.get_tensor(key) for key, f in files.items() if f == name and key in present})
+    return stored, trainer_global_step(folder, flag)
 
 
 def step_agreement(keys: list[str], predicted: list[torch.Tensor], real: list[torch.Tensor]) -> dict:
