@@ -44,34 +44,34 @@ def counterfactual_figure(counterfactuals: dict, title: str) -> plt.Figure:
     names = list(counterfactuals)
     values = [counterfactuals[name]["delta_h1"] for name in names]
     labels = [f"{name} ({_percent(counterfactuals[name]['fraction'])} of tokens)" for name in names]
-    figure, axes = plt.subplots(figsize=(6.4, 1.4 + 0.45 * len(names)), dpi=100)
-    bars = axes.barh(range(len(names)), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    figure, axes, bars = _signed_bars(labels, values, 0.45)
     axes.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize=8)
-    axes.set_yticks(range(len(names)), labels)
-    axes.invert_yaxis()  # the first selection on top
-    axes.axvline(0.0, color="black", linewidth=0.8)
     axes.margins(x=0.2)  # room for the value labels at the bars' ends
-    axes.locator_params(axis="x", nbins=4)  # long tick labels like −0.0125 must not overlap
-    # Each tick its own number (3.0e-06), not a shared ×1e−5 that lands on the axis label.
-    axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1e"))
-    axes.set_xlabel("δH₁ of a step trained only on these tokens (nats)")
-    axes.set_title(title)
-    axes.grid(True, axis="x", alpha=0.3)
-    figure.tight_layout()
-    return figure
+    return _finished(figure, axes, "δH₁ of a step trained only on these tokens (nats)", title)
 
 
 def block_shares_figure(shares: dict[str, float], title: str) -> plt.Figure:
     """Each block's share of δH₁ (its tensors' ⟨X̄_k, Δθ_k⟩ summed), one horizontal bar per block, network order."""
-    names, values = list(shares), list(shares.values())
-    figure, axes = plt.subplots(figsize=(6.4, 1.4 + 0.28 * len(names)), dpi=100)
-    axes.barh(range(len(names)), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
-    axes.set_yticks(range(len(names)), names, fontsize=8)
-    axes.invert_yaxis()  # the embeddings on top, the output head at the bottom
+    figure, axes, _ = _signed_bars(list(shares), list(shares.values()), 0.28, fontsize=8)
+    return _finished(figure, axes, "share of δH₁: ⟨X̄, Δθ⟩ over the block's parameters (nats)", title)
+
+
+def _signed_bars(labels: list[str], values: list[float], height_per_bar: float, fontsize=None):
+    """One horizontal bar per value, red below 0 and blue above, the first on top; (figure, axes, bars)."""
+    figure, axes = plt.subplots(figsize=(6.4, 1.4 + height_per_bar * len(values)), dpi=100)
+    bars = axes.barh(range(len(values)), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    axes.set_yticks(range(len(values)), labels, fontsize=fontsize)
+    axes.invert_yaxis()
     axes.axvline(0.0, color="black", linewidth=0.8)
+    return figure, axes, bars
+
+
+def _finished(figure: plt.Figure, axes, xlabel: str, title: str) -> plt.Figure:
+    """The x axis of a bar figure: few ticks, each its own number (3.0e-06, not a shared ×1e−5 that lands on
+    the axis label, and long labels like −0.0125 must not overlap); label, title, grid."""
     axes.locator_params(axis="x", nbins=4)
     axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.1e"))
-    axes.set_xlabel("share of δH₁: ⟨X̄, Δθ⟩ over the block's parameters (nats)")
+    axes.set_xlabel(xlabel)
     axes.set_title(title)
     axes.grid(True, axis="x", alpha=0.3)
     figure.tight_layout()
