@@ -233,9 +233,10 @@ class Probe:
         self._unless_failed(update_pass)
         self.collectives.raise_any(self.failure)
 
-    def _entropy_pass(self, directions: dict[str, list[torch.Tensor]]) -> None:
+    def entropy_pass(self, directions: dict[str, list[torch.Tensor]]) -> None:
         """The held E rollouts into ΣX; with directions (Ȳ for the standard error, Δθ_real for the next
-        checkpoint) one prompt per forward, each giving ⟨X(e), direction⟩ as its gradient is added."""
+        checkpoint, the live step in a training run) one prompt per forward, each giving ⟨X(e), direction⟩
+        (in entropy_derivatives) as its gradient is added."""
         held, self.held = self.held, []
         for rollout in held:
             self.accumulate(rollout, directions)
@@ -309,7 +310,7 @@ class Probe:
             directions["real_step"] = [
                 (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
             ]
-        self._unless_failed(lambda: self._entropy_pass(directions))
+        self._unless_failed(lambda: self.entropy_pass(directions))
         self.collectives.raise_any(self.failure)
         self.collectives.sum_(sums.sum_x)
         with self.results.timed("finish_probe"):

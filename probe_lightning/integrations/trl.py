@@ -152,7 +152,7 @@ class EntropyProbeCallback(TrainerCallback):
         probe.hold(probe.make_rollout(entropy_prompts))
         counts = probe.sums.counts["E"]
         probe.x_weights = estimators.token_mean_weights(counts.entropy_sum, counts.tokens, counts.responses)
-        probe._entropy_pass({"delta_theta": delta_theta})
+        probe.entropy_pass({"delta_theta": delta_theta})
         x_bar = [s / counts.prompts for s in probe.sums.sum_x]
         a_e = torch.tensor([along["delta_theta"] for _, along in probe.entropy_derivatives], dtype=torch.float64)
         row = {
