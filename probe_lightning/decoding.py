@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
+from probe_lightning.progress import SamplingProgress
 from probe_lightning.sampling import SeededSampler
 from probe_lightning.token_scores import log_q_and_entropy
 
@@ -103,6 +104,7 @@ def decode(
     ends: ResponseEnds,
     max_new_tokens: int,
     pad_token_id: int,
+    progress: SamplingProgress | None = None,
 ) -> Decoded:
     """G responses to each of the [B, P] left-padded prompts; sampler and ends have one row per response."""
     N, device = prompt_ids.shape[0] * G, prompt_ids.device
@@ -128,6 +130,8 @@ def decode(
         entropies[active, step] = entropy.float()
         length = step + 1
         going = ~ends(active, tokens)
+        if progress is not None:
+            progress.step(len(active), len(active) - int(going.sum()) if step + 1 < max_new_tokens else len(active))
         if step + 1 == max_new_tokens or not going.any():
             break
         if not going.all():  # ended responses leave the batch

@@ -13,6 +13,7 @@ from transformers import LogitsProcessorList
 
 from probe_lightning.config import require
 from probe_lightning.decoding import ResponseEnds, decode, packed_linears
+from probe_lightning.progress import SamplingProgress
 from probe_lightning.sampling import GenerationConfig, SeededDraws, SeededSampler
 from probe_lightning.token_scores import head_token_scores, token_scores
 
@@ -159,6 +160,7 @@ class SequenceProcessor:
         require(len(seeds) == len(prompts) * G, f"{len(seeds)} seeds for {len(prompts)} prompts x G={G} responses")
         per_call = max(1, gen_batch_size // G)  # prompts per call
         calls = []
+        progress = SamplingProgress(len(seeds))
         with packed_linears(self.model, rows=min(len(seeds), per_call * G)):
             for start in range(0, len(prompts), per_call):
                 rows = slice(start * G, (start + per_call) * G)
@@ -167,8 +169,9 @@ class SequenceProcessor:
                                     len(seeds[rows]))  # fmt: skip
                 calls.append(decode(
                     self.model, ids[start : start + per_call], mask[start : start + per_call], G, sampler,
-                    self.config.logits_warper(), ends, self.config.max_new_tokens, self.config.pad_token_id,
+                    self.config.logits_warper(), ends, self.config.max_new_tokens, self.config.pad_token_id, progress,
                 ))  # fmt: skip
+        progress.close()
         width = max(call.responses.shape[1] for call in calls)
 
         def joined(name: str, value) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """The SequenceProcessor's contract on tiny random models with the default model's real tokenizer."""
 
 import copy
+import io
 from dataclasses import replace
 
 import pytest
 import torch
 from tiny_models import tiny_llama
+from tqdm import tqdm
 
-from probe_lightning import token_scores
+from probe_lightning import progress, token_scores
 from probe_lightning.sampling import GenerationConfig
 from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor
 
@@ -282,3 +284,19 @@ def test_the_hidden_state_path_gives_the_logits_path_numbers_with_temperature_an
     loss = (weights * tf.token_logprobs).sum() + tf.token_entropies.sum()
     reference = torch.cat([g.flatten().double() for g in torch.autograd.grad(loss, list(model.parameters()))])
     assert ((single - reference).norm() / reference.norm()).item() < 1e-5
+
+
+def test_sampling_shows_its_progress_sequence_by_sequence_with_its_token_rate(tokenizer, monkeypatch):
+    """The bar of a long sampling phase counts every response once, when it ends, and every token drawn."""
+    bars, tokens = [], []
+    monkeypatch.setattr(
+        progress, "phase_bar",
+        lambda desc, unit, total=None, iterable=None: bars.append(tqdm(total=total, file=io.StringIO())) or bars[-1],
+    )  # fmt: skip
+    close = progress.SamplingProgress.close
+    monkeypatch.setattr(progress.SamplingProgress, "close", lambda self: tokens.append(self.tokens) or close(self))
+    processor = make_processor(tokenizer, max_new_tokens=8, gen_batch_size=4)  # several calls, some responses cut
+    batch = processor.generate_batched(PROMPTS, G=2, seeds=list(range(6)))
+    (bar,) = bars
+    assert bar.n == bar.total == 6 and "tok/s" in bar.postfix
+    assert tokens == [sum(map(sum, batch.gen_lens))]  # each response's tokens, its end included
