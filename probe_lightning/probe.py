@@ -22,6 +22,7 @@ from probe_lightning.directional import directional_derivatives
 from probe_lightning.distributed import Collectives
 from probe_lightning.entropy_coef import CoefficientStep, entropy_coef_for_zero, entropy_directions
 from probe_lightning.next_checkpoint import NextCheckpoint, step_agreement
+from probe_lightning.progress import phase_bar
 from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults
 from probe_lightning.rollout import Rollout, RolloutMaker
 from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
@@ -253,7 +254,7 @@ class Probe:
             slices = self.processor.microbatches(batch.num_prompts, batch.num_responses_per_prompt)
             if directions:
                 slices = [slice(b, b + 1) for b in range(batch.num_prompts)]
-            for rows in slices:
+            for rows in phase_bar(f"teacher forcing {rollout.role}", "microbatch", iterable=slices):
                 micro = rollout.select(rows)
                 tf = self.processor.teacher_force_logprobs(micro.batch, with_grad=True)
                 for check in self.checks:
