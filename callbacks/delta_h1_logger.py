@@ -12,7 +12,14 @@ from probe_lightning.contributions import ProbeContributions
 from probe_lightning.plots import block_shares_figure, counterfactual_figure, eta_sweep_figure
 from probe_lightning.probe import ProbeVectors, StepOutput
 from probe_lightning.report import write_report
-from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults, token_selections, write_json
+from probe_lightning.results import (
+    ENTROPY_COEF_FOR_ZERO,
+    ProbeResult,
+    RunResults,
+    resolution,
+    token_selections,
+    write_json,
+)
 from probe_lightning.vectors import save_vectors
 
 
@@ -133,13 +140,15 @@ class DeltaH1Logger(pl.Callback):
                 spread = f" ± {results['delta_h1_mean_se']:.4g} (SE over {results['num_probes']} probes)"
             elif results.get("delta_h1_se") is not None:
                 spread = f" ± {results['delta_h1_se']:.4g} (plug-in SE)"
+            status = resolution(results, results["G"])
+            status = f"; {status}" if status else ""
             empty = f"  [empty: {results['empty']}]" if "empty" in results else ""
             later = f"  [{results['later_steps']}]" if results.get("later_steps") else ""  # not predicted
             rank_zero_info(
                 f"δH₁ = {results['delta_h1']:.6g}{spread} for the {results['entropy_target']} entropy  "
                 f"(η = {results['learning_rate']:.3g}, ⟨X̄,Ȳ⟩ = {results['bars_dot']:.6g}, update: "
                 f"{results['update']}, loss: {results['trainer']['loss_type']['value']}, "
-                f"mixed U prompts: {results['mixed_update_fraction']:.0%}){empty}{later}"
+                f"mixed U prompts: {results['mixed_update_fraction']:.0%}){status}{empty}{later}"
             )
         line = entropy_coef_line(results["probes"])
         if line:

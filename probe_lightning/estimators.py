@@ -154,3 +154,43 @@ def standard_error_parts(a_e: torch.Tensor, b_u: torch.Tensor, learning_rate: fl
     """The E and U terms of the plug-in SE, η sqrt(Var(a_e)/B_E) and η sqrt(Var(b_u)/B_U): which batch to grow."""
     part = lambda d: learning_rate * math.sqrt(d.double().var().item() / len(d)) if len(d) > 1 else float("nan")  # noqa: E731
     return {"E": part(a_e), "U": part(b_u)}
+
+
+# An estimate is resolved when it is at least this many standard errors from 0 (its sign is then known at ~95%).
+RESOLVED_SES = 2.0
+# The relative standard error sizes_for_target aims at: SE = |δH₁| / 3.
+TARGET_RSE = 1.0 / 3.0
+
+
+def resolved(value: float, se: float | None) -> bool | None:
+    """|value| >= RESOLVED_SES · SE; None without a finite SE."""
+    if se is None or not math.isfinite(se):
+        return None
+    return abs(value) >= RESOLVED_SES * se
+
+
+def sizes_for_target(
+    delta_h1: float, se_parts: dict[str, float], sizes: dict[str, int], seconds_per_prompt: dict[str, float],
+    target_rse: float = TARGET_RSE,
+) -> dict | None:
+    """The cheapest B_E and B_U (at this G) whose plug-in SE is target_rse · |δH₁|.
+
+    Each side's per-prompt variance is v = part² · B (part: its term of the SE, standard_error_parts). Minimising
+    the time c_E B_E + c_U B_U subject to v_E / B_E + v_U / B_U = (target_rse δH₁)² puts B ∝ sqrt(v / c) on each
+    side: a second of either side then buys the same variance. Equal costs where a side's was not measured.
+    None where δH₁ = 0 or a part is not finite (a batch of one prompt)."""
+    parts = [se_parts.get(role) for role in ("E", "U")]
+    if delta_h1 == 0 or any(p is None or not math.isfinite(p) for p in parts):
+        return None
+    v = {role: part**2 * sizes[role] for role, part in zip(("E", "U"), parts)}
+    measured = all(seconds_per_prompt.get(role, 0) > 0 for role in v)
+    c = {role: seconds_per_prompt[role] if measured else 1.0 for role in v}
+    target_variance = (target_rse * delta_h1) ** 2
+    total = sum(math.sqrt(v[role] * c[role]) for role in v) / target_variance
+    needed = {role: max(2, math.ceil(math.sqrt(v[role] / c[role]) * total)) for role in v}
+    return {
+        "target_rse": target_rse,
+        "B_E": needed["E"],
+        "B_U": needed["U"],
+        "seconds": sum(c[role] * needed[role] for role in v) if measured else None,
+    }

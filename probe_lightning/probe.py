@@ -8,6 +8,8 @@ token_mean's plug-ins and Ȳ are known; X̄ = ΣX / B_E, δH₁ = η ⟨X̄, Ȳ�
 """
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -128,11 +130,15 @@ class Probe:
         self.contributions: ProbeContributions | None = None  # the finished probe's, until step hands them on
         self.collectives = Collectives()  # several processes: set by the LightningModule
         self.failure: Exception | None = None  # this process's error, held until the probe's end with several
+        # Seconds this probe spent on each role's prompts (sampling, teacher forcing, their SE pass): what one more
+        # E or U prompt costs, for the sizes that would resolve δH₁ (estimators.sizes_for_target).
+        self.role_seconds: dict[str, float] = {}
 
     def step(self, batch: PromptBatch) -> StepOutput | None:
         """One prompt batch; on the probe's last, the finished probe. With several processes an error is
         held until every process reaches the probe's end, where all of them raise it."""
-        output = self._unless_failed(lambda: self._work(batch))
+        with self._charged(batch.role):
+            output = self._unless_failed(lambda: self._work(batch))
         if not batch.last_in_probe:
             return output
         self.collectives.raise_any(self.failure)
@@ -140,6 +146,15 @@ class Probe:
         contributions, self.contributions = self.contributions, None  # hand one probe's tables on, keep none
         vectors = self.vectors if self.settings.save_vectors else None
         return replace(output, finished=finished, contributions=contributions, vectors=vectors)
+
+    @contextmanager
+    def _charged(self, role: str):
+        """The time inside, added to role's seconds."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.role_seconds[role] = self.role_seconds.get(role, 0.0) + time.perf_counter() - start
 
     def _unless_failed(self, work):
         """work(), unless this process has failed; with several processes its error is held, not raised."""
@@ -281,7 +296,8 @@ class Probe:
     def finish(self, probe_index: int) -> ProbeResult:
         """∇J̄ and Ȳ from ΣY; the held E batch into ΣX; X̄, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the
         standard error, contributions, covariance proxy and η sweep as asked."""
-        self._held_update_pass()
+        with self._charged("U"):
+            self._held_update_pass()
         sums = self.sums
         sums.all_reduce(self.collectives)
         e, u = sums.counts["E"], sums.counts["U"]
@@ -311,7 +327,8 @@ class Probe:
             directions["real_step"] = [
                 (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
             ]
-        self._unless_failed(lambda: self.entropy_pass(directions))
+        with self._charged("E"):
+            self._unless_failed(lambda: self.entropy_pass(directions))
         self.collectives.raise_any(self.failure)
         self.collectives.sum_(sums.sum_x)
         with self.results.timed("finish_probe"):
@@ -343,8 +360,15 @@ class Probe:
                 result.next_checkpoint = self._against_next_checkpoint(result, directions["real_step"])
         contributions = None
         if self.settings.standard_error:
-            with self.results.timed("standard_error"):
+            with self.results.timed("standard_error"), self._charged("U"):
                 contributions = self._contributions(result, params, step)
+            # Wall seconds per prompt: each process's time over all processes' prompts (they run side by side).
+            sizes = {"E": B_E, "U": B_U}
+            result.seconds_per_prompt = {role: self.role_seconds.get(role, 0.0) / B for role, B in sizes.items()}
+            result.resolved = estimators.resolved(result.delta_h1, result.delta_h1_se)
+            result.sizes_for_target = estimators.sizes_for_target(
+                result.delta_h1, result.delta_h1_se_parts, sizes, result.seconds_per_prompt
+            )
         if self.settings.eta_sweep:
             entropy_batch = [(r, tf) for r, tf in self.scored if r.role == "E"]
             with self.results.timed("eta_sweep"):
@@ -354,7 +378,7 @@ class Probe:
                     self.collectives.gather,
                 )  # fmt: skip
         self.sums, self.scored, self.evaluation = ProbeSums(self.named_params, bonus=self.with_bonus_sum), [], []
-        self.entropy_derivatives = []
+        self.entropy_derivatives, self.role_seconds = [], {}
         self.results.probes.append(result)
         self.contributions = contributions
         return result

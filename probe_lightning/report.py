@@ -10,7 +10,7 @@ import html
 import math
 from pathlib import Path
 
-from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, token_selections
+from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, resolution, token_selections
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
@@ -54,7 +54,7 @@ def write_report(results: dict, folder: Path) -> Path:
     folder = Path(folder)
     probes = results.get("probes", [])
     scale = _largest_token_contribution(probes)
-    sections = [_summary(results)] + [_probe_section(probe, folder, scale) for probe in probes]
+    sections = [_summary(results)] + [_probe_section(probe, folder, scale, len(probes) > 1) for probe in probes]
     title = html.escape(f"δH₁ probe report: {results.get('model') or 'model'}")
     page = (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -81,6 +81,9 @@ def _summary(results: dict) -> str:
         if results.get("delta_h1_mean_se") is not None:
             lead += f" (their spread gives SE {_number(results['delta_h1_mean_se'])})"
     parts.append(f'<p class="lead">{html.escape(lead)}</p>')
+    status = resolution(results, results.get("G"))
+    if status:
+        parts.append(f'<p class="{"lead" if results["resolved"] else "warning"}">{html.escape(status)}</p>')
     if results.get("empty"):
         parts.append(f'<div class="warning">Warning: {html.escape(results["empty"])}</div>')
     eta = _number(results.get("learning_rate"))
@@ -109,11 +112,15 @@ def _summary(results: dict) -> str:
     return "\n".join(parts)
 
 
-def _probe_section(probe: dict, folder: Path, scale: float) -> str:
-    """One probe: δH₁ ± SE, its η sweep, its counterfactual selections, its top responses and tokens."""
+def _probe_section(probe: dict, folder: Path, scale: float, several: bool) -> str:
+    """One probe: δH₁ ± SE (resolved or not, where several probes make it differ from the summary's), its η
+    sweep, its counterfactual selections, its top responses and tokens."""
     k = probe["probe_index"]
     headline = f"Probe {k}: δH₁ = {_with_se(probe['delta_h1'], probe.get('delta_h1_se'))} nats"
     parts = [f'<section id="probe-{k}">', f"<h2>{html.escape(headline)}</h2>"]
+    status = resolution(probe) if several else None
+    if status:
+        parts.append(f'<p class="lead">{html.escape(status)}</p>')
     sweep_png = folder / f"eta_sweep_probe{k}.png"
     if probe.get("eta_sweep") or sweep_png.exists():
         parts.append("<h3>η sweep: the true entropy change against the prediction</h3>")

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from probe_lightning.estimators import resolved
 from probe_lightning.trainer_loss import TrainerSettings
 from probe_lightning.true_change import sweep_summary
 
@@ -38,6 +39,11 @@ class ProbeResult:
     mixed_update_fraction: float = 1.0  # U prompts whose responses got different rewards (else all A = 0)
     delta_h1_se: float | None = None  # plug-in standard error (docs/math.md); None when not computed
     delta_h1_se_parts: dict[str, float] | None = None  # its E and U terms: sqrt of each variance term
+    resolved: bool | None = None  # |δH₁| >= 2 SE: its sign is known (None without the SE)
+    # The cheapest B_E and B_U at this G whose SE would be |δH₁| / 3, from the variance parts and the measured
+    # seconds per prompt of each side: {target_rse, B_E, B_U, seconds} (estimators.sizes_for_target)
+    sizes_for_target: dict | None = None
+    seconds_per_prompt: dict[str, float] | None = None  # wall seconds per E and per U prompt in this probe
     # Cov(log π(y_t), A(y_t)) over the U batch's tokens: Cui et al.'s proxy predicts ΔH ≈ −η · covariance
     covariance: float | None = None
     eta_sweep: list[dict] | None = None  # per η: δH₁(η), the true ΔH with SE and ESS, ratio, covariance proxy
@@ -166,6 +172,9 @@ def summarise(results: dict) -> dict:
         mean = summary["delta_h1"]
         variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
         summary["delta_h1_mean_se"] = math.sqrt(variance / len(values))
+    summary["resolved"] = resolved(summary["delta_h1"], summary.get("delta_h1_mean_se", summary.get("delta_h1_se")))
+    if len(probes) == 1:
+        summary["sizes_for_target"] = probes[0].get("sizes_for_target")
     return {**results, **summary, "num_probes": len(probes)}
 
 
@@ -187,6 +196,25 @@ def _mean_sweep(probes: list[dict]) -> dict:
         rows.append(row)
     noise_floor = max(p["eta_sweep_summary"]["noise_floor"] for p in probes)
     return {"eta_sweep": rows, "eta_sweep_summary": sweep_summary(rows, noise_floor)}
+
+
+def resolution(record: dict, G: int | None = None) -> str | None:
+    """Whether δH₁'s sign is resolved, and if not, what would resolve it: for results.json's top level or one
+    probe's row (None without an SE)."""
+    if record.get("resolved") is None:
+        return None
+    if record["resolved"]:
+        return "resolved (|δH₁| ≥ 2 SE)"
+    text = "not resolved (|δH₁| < 2 SE: its sign is not known)"
+    sizes = record.get("sizes_for_target")
+    if sizes:
+        at_g = f" at G = {G}" if G else ""
+        cost = f", about {sizes['seconds'] / 60:.2g} min of sampling and passes" if sizes.get("seconds") else ""
+        text += (
+            f"; B_E = {sizes['B_E']} and B_U = {sizes['B_U']}{at_g} would bring the SE to |δH₁|/3{cost}: "
+            f"--data.B_E {sizes['B_E']} --data.B_U {sizes['B_U']}"
+        )
+    return text
 
 
 def later_steps(trainer: TrainerSettings) -> str | None:

@@ -195,8 +195,9 @@ def test_lightning_precision_flags_work_unchanged(world, prompts_file, tmp_path,
     assert results["x_norm"] > 0 and torch.isfinite(torch.tensor(results["delta_h1"]))
 
 
-def test_a_run_writes_the_sample_tables_the_counterfactual_chart_and_a_report(world, prompts_file, tmp_path):
-    train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml"))
+def test_a_run_writes_the_sample_tables_the_counterfactual_chart_and_a_report(world, prompts_file, tmp_path, caplog):
+    with caplog.at_level("INFO"):
+        train.main(cli_args(world, prompts_file, tmp_path, "configs/sp.yaml"))
     folder = results_file(tmp_path).parent
     results = json.loads(results_file(tmp_path).read_text())
     responses = pd.read_parquet(folder / "responses_probe0.parquet")
@@ -217,3 +218,12 @@ def test_a_run_writes_the_sample_tables_the_counterfactual_chart_and_a_report(wo
     assert float(headline[1]) == pytest.approx(results["delta_h1"], rel=1e-3)
     assert float(headline[2]) == pytest.approx(results["delta_h1_se"], rel=1e-3)
     assert "data:image/png;base64," in page
+    # Resolved or not, and the sizes that would resolve it, in results.json, the printed line and the report.
+    assert results["resolved"] == probe["resolved"] == (abs(probe["delta_h1"]) >= 2 * probe["delta_h1_se"])
+    sizes, seconds = probe["sizes_for_target"], probe["seconds_per_prompt"]
+    assert results["sizes_for_target"] == sizes and seconds["E"] > 0 and seconds["U"] > 0
+    v = {role: probe["delta_h1_se_parts"][role] ** 2 * 4 for role in "EU"}  # B_E = B_U = 4
+    assert v["E"] / sizes["B_E"] + v["U"] / sizes["B_U"] <= (probe["delta_h1"] / 3) ** 2 * (1 + 1e-9)
+    (line,) = [r.message for r in caplog.records if r.message.startswith("δH₁ = ")]
+    status = "resolved (|δH₁| ≥ 2 SE)" if probe["resolved"] else f"--data.B_E {sizes['B_E']} --data.B_U {sizes['B_U']}"
+    assert status in line and status in page

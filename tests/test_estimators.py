@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from probe_lightning import estimators
+from probe_lightning.estimators import resolved, sizes_for_target
 from probe_lightning.trainer_loss import advantages
 
 
@@ -116,3 +117,34 @@ def test_dot64_is_float64_accurate_without_float64_copies():
     assert estimators.dot64(x.double(), y.double()) == pytest.approx(exact, rel=1e-14)
     bf16_exact = torch.dot(x.bfloat16().double(), y.double()).item()
     assert estimators.dot64(x.bfloat16(), y) == pytest.approx(bf16_exact, rel=1e-6)
+
+
+@pytest.mark.parametrize("parts, costs", [((3.0, 1.0), (1.0, 1.0)), ((1.0, 2.0), (0.2, 3.0)), ((0.5, 0.5), (5.0, 1.0))])
+def test_sizes_for_target_are_the_cheapest_pair_that_reaches_the_target(parts, costs):
+    """Against a brute-force search over every integer (B_E, B_U): the returned pair reaches SE <= |δH₁|/3 and
+    costs no more than the cheapest pair that does, rounding to integers aside (one prompt of each side)."""
+    delta_h1, sizes = -0.4, {"E": 8, "U": 8}
+    se_parts, cost = dict(zip("EU", parts)), dict(zip("EU", costs))
+    v = {role: se_parts[role] ** 2 * sizes[role] for role in "EU"}  # per-prompt variances
+    target = (delta_h1 / 3) ** 2
+    found = sizes_for_target(delta_h1, se_parts, sizes, cost)
+    assert v["E"] / found["B_E"] + v["U"] / found["B_U"] <= target * (1 + 1e-12)
+    seconds = cost["E"] * found["B_E"] + cost["U"] * found["B_U"]
+    assert found["seconds"] == pytest.approx(seconds)
+    b_e = torch.arange(2, 100_000, dtype=torch.float64)
+    room = target - v["E"] / b_e  # what B_E leaves for the U side's variance
+    b_u = (v["U"] / room[room > 0]).ceil().clamp(min=2)  # the fewest U prompts that fit in it
+    cheapest = (cost["E"] * b_e[room > 0] + cost["U"] * b_u).min().item()
+    assert cheapest <= seconds <= cheapest + cost["E"] + cost["U"]
+
+
+def test_sizes_for_target_without_costs_or_a_second_prompt():
+    found = sizes_for_target(0.1, {"E": 0.1, "U": 0.1}, {"E": 4, "U": 4}, {})
+    assert found["B_E"] == found["B_U"] and found["seconds"] is None  # equal costs: equal variances, equal sizes
+    assert sizes_for_target(0.1, {"E": float("nan"), "U": 0.1}, {"E": 1, "U": 4}, {}) is None
+    assert sizes_for_target(0.0, {"E": 0.1, "U": 0.1}, {"E": 4, "U": 4}, {}) is None
+
+
+def test_resolved_is_two_standard_errors_from_zero():
+    assert resolved(-0.3, 0.1) and not resolved(0.19, 0.1)
+    assert resolved(1.0, None) is None and resolved(1.0, float("nan")) is None
