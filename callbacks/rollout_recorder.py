@@ -8,21 +8,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.delta_h1_logger import results_path
 from probe_lightning import rollout_store
-from probe_lightning.build import sampling_identity
 from probe_lightning.probe import StepOutput
-
-
-def run_identity(pl_module) -> dict:
-    """What this run's samples depend on (rollout_store.IDENTITY_FLAGS, and the sampling settings)."""
-    settings = pl_module.settings
-    return {
-        "model": settings.model,
-        "checkpoint": settings.checkpoint,
-        "G": settings.G,
-        "G_E": settings.G_E,
-        "use_sequence_processor": settings.sampling.use_sequence_processor,
-        "sampling": sampling_identity(pl_module.processor.config),
-    }
 
 
 class RolloutRecorder(pl.Callback):
@@ -39,7 +25,7 @@ class RolloutRecorder(pl.Callback):
         if data is None:
             return
         if data.hparams.rollouts:
-            rollout_store.check_replay(data.replay_identity, run_identity(pl_module), data.hparams.rollouts)
+            rollout_store.check_replay(data.replay_identity, pl_module.sample_identity(), data.hparams.rollouts)
         if data.hparams.save_rollouts:
             self._start(trainer, pl_module, data)
 
@@ -51,7 +37,7 @@ class RolloutRecorder(pl.Callback):
         settings["rollout_batch_size"] = data.batch_config.rollout_batch_size
         self.folder = results_path(trainer).with_name("rollouts")
         roles = ["E", "V", "U"] if hp.evaluate else ["E", "U"]
-        rollout_store.write_identity(self.folder, run_identity(pl_module) | {"roles": roles, "data": settings})
+        rollout_store.write_identity(self.folder, pl_module.sample_identity() | {"roles": roles, "data": settings})
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: StepOutput, batch, batch_idx, dataloader_idx=0):
         if self.folder is None:

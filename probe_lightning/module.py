@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from probe_lightning.build import build_probe
+from probe_lightning.build import build_probe, sampling_identity
 from probe_lightning.checkpoints import LoadedCheckpoint, load_checkpoint
 from probe_lightning.config import (
     EntropyTarget,
@@ -108,6 +108,19 @@ class EntropyProbe(pl.LightningModule):
         """Run `check` on every rollout before any of its gradient reaches the sums (BatchInvariants)."""
         if check not in self.rollout_checks:
             self.rollout_checks.append(check)
+
+    def sample_identity(self) -> dict:
+        """What this run's samples depend on (rollout_store.IDENTITY_FLAGS, and the sampling settings as resolved
+        from the config and the checkpoint): saved with rollouts, and checked against them on a replay."""
+        settings = self.settings
+        return {
+            "model": settings.model,
+            "checkpoint": settings.checkpoint,
+            "G": settings.G,
+            "G_E": settings.G_E,
+            "use_sequence_processor": settings.sampling.use_sequence_processor,
+            "sampling": sampling_identity(self.processor.config),
+        }
 
     def configure_model(self) -> None:
         if self.policy is not None:
