@@ -19,6 +19,7 @@ from probe_lightning.config import BatchConfig, ProbeConfigError, Role, Source, 
 from probe_lightning.problems import Problem, Prompt, check_source, is_conversational, load_problems
 from probe_lightning.reward_functions import RewardFunctions
 from probe_lightning.sequence_processor import BatchedSequences
+from probe_lightning.sequential import SequentialSampling
 
 
 @dataclass
@@ -159,6 +160,8 @@ class ProbeDataModule(pl.LightningDataModule):
         reward_fn: list[str] | str | None = None,
         reward_weights: list[float] | None = None,
         rescore: bool = False,
+        target_rse: float | None = None,
+        max_prompts: int = 512,
     ):
         """
         Args:
@@ -179,6 +182,10 @@ class ProbeDataModule(pl.LightningDataModule):
             reward_weights: one weight per reward function, as TRL's GRPOConfig.reward_weights; None: 1 each.
             rescore: score replayed responses with this run's reward functions instead of keeping the rewards
                 saved with them.
+            target_rse: sequential sampling: each probe starts at B_E and B_U, then draws more E and U prompts (unused
+                ones of the pool, from the same seed stream) until SE / |δH₁| <= target_rse or max_prompts; new
+                prompts go where a second of sampling and passes buys the most variance (sequential.py). None: off.
+            max_prompts: with target_rse, the most E + U prompts one probe draws.
         """
         super().__init__()
         require(B_E >= 1, f"data.B_E must be >= 1, got {B_E}")
@@ -191,6 +198,12 @@ class ProbeDataModule(pl.LightningDataModule):
             f"data.save_rollouts and data.rollouts are both set: the replayed rollouts are saved in {rollouts!r}",
         )
         require(not rescore or rollouts, "data.rescore true re-scores replayed rollouts: it needs data.rollouts")
+        require(target_rse is None or target_rse > 0, f"data.target_rse must be > 0, got {target_rse}")
+        require(
+            target_rse is None or not rollouts,
+            "data.target_rse draws more prompts and samples them; data.rollouts replays a fixed set: drop one",
+        )
+        require(max_prompts >= B_E + B_U, f"data.max_prompts = {max_prompts} < data.B_E + data.B_U = {B_E + B_U}")
         # The saved run's identity (rollout_store.py), read now so a bad folder stops the run before the model loads.
         self.replay_identity: dict | None = rollout_store.read_identity(rollouts) if rollouts else None
         self.update_only = rollouts is not None and rollout_store.update_only(self.replay_identity, rollouts)
@@ -289,6 +302,27 @@ class ProbeDataModule(pl.LightningDataModule):
                 )
         return batches
 
+    def sequential_sampling(self) -> SequentialSampling | None:
+        """data.target_rse's stopping rule (None without it); more prompts come from extra_batches."""
+        hp = self.hparams
+        return None if hp.target_rse is None else SequentialSampling(hp.target_rse, hp.max_prompts)
+
+    def extra_batches(self, k: int, n_E: int, n_U: int) -> list[PromptBatch]:
+        """Probe k's next n_E E and n_U U prompts for sequential sampling: pool rows no role of the probe has used,
+        drawn by a generator seeded by the data seed, the probe and how many it has drawn (fewer, in proportion,
+        when the pool runs short; none when it is spent)."""
+        draw = self.probe_draws[k]
+        used = [i for ids in draw.values() for i in ids]
+        rest = np.setdiff1d(np.arange(len(self.problems)), used)
+        if len(rest) < n_E + n_U:
+            n_E = n_E * len(rest) // (n_E + n_U)
+            n_U = len(rest) - n_E
+        drawn = np.random.default_rng([self.hparams.seed, k, 2, len(used)]).choice(rest, n_E + n_U, replace=False)
+        more = {"E": drawn[:n_E].tolist(), "U": drawn[n_E:].tolist()}
+        for role, ids in more.items():
+            draw[role] = draw[role] + ids
+        return [replace(batch, last_in_probe=False) for batch in self._probe_batches(k, more)]
+
     def _fresh_entropy_batches(self, k: int) -> list[PromptBatch]:
         """Probe k's E (and V) batches, for update-only rollouts: the draw a run without data.rollouts makes."""
         draw = self._draw(k)
@@ -308,6 +342,7 @@ class ProbeDataModule(pl.LightningDataModule):
                 sizes["data.B_V"] = self.num_evaluation_prompts
             for name, size in sizes.items():
                 require(size >= world_size, f"{name} = {size} < {world_size} processes: each needs a prompt of it")
+            require(hp.target_rse is None, "data.target_rse runs on one process only: drop --trainer.devices")
             # Iterable: Lightning leaves it alone (no DistributedSampler), every rank sees every probe's end.
             batches = _Batches(self.prompt_batches(self.trainer.global_rank, world_size))
         elif hp.rollouts:

@@ -156,6 +156,15 @@ class EntropyProbe(pl.LightningModule):
         rewards = getattr(self.trainer.datamodule, "rewards", None)  # the DataModule's reward functions
         self.probe = build_probe(self.processor, self.settings, self.loaded_checkpoint, rewards)
         self.probe.checks = self.rollout_checks
+        sequential = getattr(self.trainer.datamodule, "sequential_sampling", lambda: None)()
+        if sequential is not None:  # data.target_rse
+            require(self.settings.standard_error, "data.target_rse stops on the standard error: set model.standard_error true")
+            require(
+                not self.probe.update_batch.holds,
+                "data.target_rse with trainer options that weigh every U token by the whole U batch (an entropy mask "
+                "or bonus, masked truncated completions, a KL term) is not supported: set data.B_U to the size you want",
+            )
+            self.probe.sequential, self.probe.more_prompts = sequential, self.trainer.datamodule.extra_batches
         self.probe.collectives = Collectives(self.trainer.world_size)
         self.probe.results.info.world_size = self.trainer.world_size
 

@@ -11,7 +11,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -27,6 +27,7 @@ from probe_lightning.next_checkpoint import NextCheckpoint, step_agreement
 from probe_lightning.progress import phase_bar
 from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults
 from probe_lightning.rollout import Rollout, RolloutMaker
+from probe_lightning.sequential import SequentialSampling
 from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
 from probe_lightning.settings import ProbeSettings
 from probe_lightning.trainer_loss import STD_EPS, TOKEN_COUNT_LOSSES, check_router_loss, clip_factor, nanstd
@@ -133,6 +134,9 @@ class Probe:
         # Seconds this probe spent on each role's prompts (sampling, teacher forcing, their SE pass): what one more
         # E or U prompt costs, for the sizes that would resolve δH₁ (estimators.sizes_for_target).
         self.role_seconds: dict[str, float] = {}
+        # data.target_rse: the stopping rule, and where more of probe k's prompts come from (n_E, n_U -> batches)
+        self.sequential: SequentialSampling | None = None
+        self.more_prompts: Callable[[int, int, int], list[PromptBatch]] | None = None
 
     def step(self, batch: PromptBatch) -> StepOutput | None:
         """One prompt batch; on the probe's last, the finished probe. With several processes an error is
@@ -295,7 +299,43 @@ class Probe:
 
     def finish(self, probe_index: int) -> ProbeResult:
         """∇J̄ and Ȳ from ΣY; the held E batch into ΣX; X̄, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the
-        standard error, contributions, covariance proxy and η sweep as asked."""
+        standard error, contributions, covariance proxy and η sweep as asked. With sequential sampling, more E
+        and U prompts until the SE reaches its target (sequential.py), before the next checkpoint and η sweep."""
+        result, params, step, directions = self._estimate(probe_index)
+        contributions = self._standard_error(result, params, step)
+        while self.sequential is not None and (more := self.sequential.more(result)) is not None:
+            batches = self.more_prompts(probe_index, more["E"], more["U"])
+            if not batches:
+                self.sequential.stages[-1]["stop"] = "no unused prompts left"
+                break
+            for batch in batches:
+                with self._charged(batch.role):
+                    self._work(batch)
+            result, params, step, directions = self._estimate(probe_index)
+            contributions = self._standard_error(result, params, step)
+        if self.sequential is not None:
+            result.sequential = self.sequential.record()
+        if self.next_checkpoint is not None:
+            with self.results.timed("next_checkpoint"):
+                result.next_checkpoint = self._against_next_checkpoint(result, directions["real_step"])
+        if self.settings.eta_sweep:
+            entropy_batch = [(r, tf) for r, tf in self.scored if r.role == "E"]
+            with self.results.timed("eta_sweep"):
+                result.eta_sweep, result.eta_sweep_summary = eta_sweep(
+                    self.processor, self.named_params, self.geometry, self.vectors.x_bar, self.vectors.grad_j,
+                    self.settings.eta_sweep, self.evaluation, entropy_batch, self.settings.entropy_target,
+                    result.covariance, self.collectives.gather,
+                )  # fmt: skip
+        self.sums, self.scored, self.evaluation = ProbeSums(self.named_params, bonus=self.with_bonus_sum), [], []
+        self.entropy_derivatives, self.role_seconds, self.held = [], {}, []
+        self.results.probes.append(result)
+        self.contributions = contributions
+        return result
+
+    def _estimate(self, probe_index: int) -> tuple[ProbeResult, list[torch.Tensor], CoefficientStep | None, dict]:
+        """δH₁ from the sums so far: ∇J̄, Ȳ, the E pass (along the directions it returns), X̄. With sequential
+        sampling it can run again after more prompts: the sums are read, not divided in place, and the E pass
+        starts again over every E prompt (its weights and Ȳ have changed)."""
         with self._charged("U"):
             self._held_update_pass()
         sums = self.sums
@@ -305,8 +345,8 @@ class Probe:
         require(B_E > 0 and B_U > 0, f"probe {probe_index} ended with B_E={B_E}, B_U={B_U}: both must be >= 1")
         params = [p for _, p in self.named_params]
         with self.results.timed("finish_probe"):
-            # In place: the sums are replaced by fresh ones at the end, and model-sized copies cost time.
-            grad_j = [s.div_(B_U) for s in sums.sum_y]
+            # In place, unless a later stage adds to the sums: model-sized copies cost time.
+            grad_j = [s / B_U if self.sequential else s.div_(B_U) for s in sums.sum_y]
             batch_scale = self._batch_scale(u.tokens / B_U)
             if batch_scale != 1.0:
                 grad_j = [g.mul_(batch_scale) for g in grad_j]
@@ -327,8 +367,15 @@ class Probe:
             directions["real_step"] = [
                 (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
             ]
+        held = list(self.held)
+        if self.sequential is not None:  # a stage's E pass over every E prompt so far
+            self.entropy_derivatives = []
+            self.scored = [(micro, tf) for micro, tf in self.scored if micro.role != "E"]
+            for s in sums.sum_x:
+                s.zero_()
         with self._charged("E"):
             self._unless_failed(lambda: self.entropy_pass(directions))
+        self.held = held
         self.collectives.raise_any(self.failure)
         self.collectives.sum_(sums.sum_x)
         with self.results.timed("finish_probe"):
@@ -355,9 +402,13 @@ class Probe:
         shares = parameter_shares(self.weight_keys, x_bar, y_bar)
         result.parameter_shares = {key: scale * share for key, share in shares.items()}
         result.block_shares = block_shares(result.parameter_shares)
-        if self.next_checkpoint is not None:
-            with self.results.timed("next_checkpoint"):
-                result.next_checkpoint = self._against_next_checkpoint(result, directions["real_step"])
+        return result, params, step, directions
+
+    def _standard_error(
+        self, result: ProbeResult, params: list[torch.Tensor], step: CoefficientStep | None
+    ) -> ProbeContributions | None:
+        """With the standard error: it, the contributions (_contributions), and whether δH₁ is resolved."""
+        B_E, B_U = result.B_E, result.B_U
         contributions = None
         if self.settings.standard_error:
             with self.results.timed("standard_error"), self._charged("U"):
@@ -369,19 +420,7 @@ class Probe:
             result.sizes_for_target = estimators.sizes_for_target(
                 result.delta_h1, result.delta_h1_se_parts, sizes, result.seconds_per_prompt
             )
-        if self.settings.eta_sweep:
-            entropy_batch = [(r, tf) for r, tf in self.scored if r.role == "E"]
-            with self.results.timed("eta_sweep"):
-                result.eta_sweep, result.eta_sweep_summary = eta_sweep(
-                    self.processor, self.named_params, self.geometry, x_bar, grad_j, self.settings.eta_sweep,
-                    self.evaluation, entropy_batch, self.settings.entropy_target, result.covariance,
-                    self.collectives.gather,
-                )  # fmt: skip
-        self.sums, self.scored, self.evaluation = ProbeSums(self.named_params, bonus=self.with_bonus_sum), [], []
-        self.entropy_derivatives, self.role_seconds = [], {}
-        self.results.probes.append(result)
-        self.contributions = contributions
-        return result
+        return contributions
 
     def _contributions(
         self, result: ProbeResult, params: list[torch.Tensor], step: CoefficientStep | None
@@ -454,7 +493,7 @@ class Probe:
             return None
         bonus_scale = 1.0 if self.update_batch.holds else 1.0 / tokens_per_prompt
         B_U = self.sums.counts["U"].prompts
-        bonus_grad = [s.div_(B_U).mul_(bonus_scale) for s in self.sums.sum_b]
+        bonus_grad = [(s / B_U if self.sequential else s.div_(B_U)).mul_(bonus_scale) for s in self.sums.sum_b]
         return CoefficientStep(
             grad_j, bonus_grad, grad_norm, clip, self.trainer.entropy_bonus, self.trainer.max_grad_norm, bonus_scale
         )

@@ -44,6 +44,8 @@ class ProbeResult:
     # seconds per prompt of each side: {target_rse, B_E, B_U, seconds} (estimators.sizes_for_target)
     sizes_for_target: dict | None = None
     seconds_per_prompt: dict[str, float] | None = None  # wall seconds per E and per U prompt in this probe
+    # data.target_rse: the stages drawn (sizes, δH₁, SE after each) and why the probe stopped (sequential.py)
+    sequential: dict | None = None
     # Cov(log π(y_t), A(y_t)) over the U batch's tokens: Cui et al.'s proxy predicts ΔH ≈ −η · covariance
     covariance: float | None = None
     eta_sweep: list[dict] | None = None  # per η: δH₁(η), the true ΔH with SE and ESS, ratio, covariance proxy
@@ -175,6 +177,7 @@ def summarise(results: dict) -> dict:
     summary["resolved"] = resolved(summary["delta_h1"], summary.get("delta_h1_mean_se", summary.get("delta_h1_se")))
     if len(probes) == 1:
         summary["sizes_for_target"] = probes[0].get("sizes_for_target")
+        summary["sequential"] = probes[0].get("sequential")
     return {**results, **summary, "num_probes": len(probes)}
 
 
@@ -203,9 +206,16 @@ def resolution(record: dict, G: int | None = None) -> str | None:
     probe's row (None without an SE)."""
     if record.get("resolved") is None:
         return None
+    drawn = ""
+    if record.get("sequential"):
+        sequential, final = record["sequential"], record["sequential"]["stages"][-1]
+        drawn = (
+            f" after {len(sequential['stages'])} stages to B_E = {final['B_E']}, B_U = {final['B_U']} "
+            f"({sequential['stopped']}, target SE/|δH₁| ≤ {sequential['target_rse']:.2g})"
+        )
     if record["resolved"]:
-        return "resolved (|δH₁| ≥ 2 SE)"
-    text = "not resolved (|δH₁| < 2 SE: its sign is not known)"
+        return f"resolved (|δH₁| ≥ 2 SE){drawn}"
+    text = f"not resolved (|δH₁| < 2 SE: its sign is not known){drawn}"
     sizes = record.get("sizes_for_target")
     if sizes:
         at_g = f" at G = {G}" if G else ""
