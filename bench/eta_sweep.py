@@ -3,6 +3,7 @@ covariance proxy, without an optimizer state (the default config: identity geome
 
     python bench/eta_sweep.py                      # both tables, B_V = 32 (~15 min on 2 CPU cores)
     python bench/eta_sweep.py --B_V 16 --skip_adam true
+    python bench/eta_sweep.py --skip_identity true --target_rse 0.33 --B_V 256   # resolved sizes (issue 21 item 4)
 
 The Adam state is real: a checkpoint-3/ of the HF Trainer after 3 AdamW steps (lr 1e-5, constant) of
 language-model loss on the arithmetic task's prompts with their answers, written into a temporary folder.
@@ -41,17 +42,19 @@ def adam_checkpoint(folder: Path) -> str:
     return str(folder / "checkpoint-3")
 
 
-def sweep(extra: list[str], etas: list[float], B_V: int, save_dir: str) -> dict:
+def sweep(extra: list[str], etas: list[float], B_V: int, save_dir: str, target_rse: float | None = None,
+          max_prompts: int = 512) -> dict:  # fmt: skip
+    sequential = ["--data.target_rse", str(target_rse), "--data.max_prompts", str(max_prompts)] if target_rse else []
     train.main(
         ["predict", "--config", str(ROOT / "configs/sp.yaml"), "--model.eta_sweep", json.dumps(etas),
          "--data.B_V", str(B_V), "--trainer.enable_progress_bar", "false",
-         "--trainer.logger.init_args.save_dir", save_dir, *extra]
+         "--trainer.logger.init_args.save_dir", save_dir, *sequential, *extra]
     )  # fmt: skip
     (path,) = Path(save_dir).glob("**/results.json")
     results = json.loads(path.read_text())
-    keep = ("update", "learning_rate", "delta_h1", "delta_h1_se", "clip_factor", "eta_sweep", "eta_sweep_summary",
-            "timings", "trainer")  # fmt: skip
-    return {key: results[key] for key in keep}
+    keep = ("update", "learning_rate", "delta_h1", "delta_h1_se", "resolved", "B_E", "B_U", "sequential",
+            "sizes_for_target", "clip_factor", "eta_sweep", "eta_sweep_summary", "timings", "trainer")  # fmt: skip
+    return {key: results.get(key) for key in keep}
 
 
 def table(name: str, results: dict) -> str:
@@ -68,6 +71,9 @@ def main(
     etas: list[float] = [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],  # noqa: B006 (jsonargparse reads the default)
     adam_etas: list[float] = [0.0, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3],  # noqa: B006
     skip_adam: bool = False,
+    skip_identity: bool = False,
+    target_rse: float | None = None,
+    max_prompts: int = 512,
     output: str | None = None,
 ):
     """
@@ -76,15 +82,22 @@ def main(
         etas: the sweep of the adam-free (identity geometry) probe.
         adam_etas: the sweep with the real Adam state (exact AdamW step).
         skip_adam: only the adam-free table.
+        skip_identity: only the table with the real Adam state.
+        target_rse: sequential sampling (data.target_rse): B_E and B_U grow until SE(δH₁) <= target_rse |δH₁|;
+            the true change's SE is B_V's to bring down.
+        max_prompts: with target_rse, the most E + U prompts.
         output: the JSON's path (default bench/results/eta_sweep.json).
     """
     report = {}
     with tempfile.TemporaryDirectory() as folder:
-        report["identity"] = sweep([], etas, B_V, folder + "/identity")
-        print(table("no optimizer state", report["identity"]), flush=True)
+        if not skip_identity:
+            report["identity"] = sweep([], etas, B_V, folder + "/identity", target_rse, max_prompts)
+            print(table("no optimizer state", report["identity"]), flush=True)
         if not skip_adam:
             checkpoint = adam_checkpoint(Path(folder) / "trainer")
-            report["adamw_step"] = sweep(["--model.checkpoint", checkpoint], adam_etas, B_V, folder + "/adamw")
+            report["adamw_step"] = sweep(
+                ["--model.checkpoint", checkpoint], adam_etas, B_V, folder + "/adamw", target_rse, max_prompts
+            )
             print(table("real Adam state", report["adamw_step"]), flush=True)
     path = Path(output or ROOT / "bench/results/eta_sweep.json")
     path.parent.mkdir(parents=True, exist_ok=True)
