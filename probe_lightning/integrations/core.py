@@ -287,6 +287,22 @@ class InTrainingProbe:
                 torch.cuda.set_rng_state_all(cuda)
 
 
+class ProbeAdapter:
+    """What a framework's callback shows of its InTrainingProbe (`self.probe`)."""
+
+    probe: InTrainingProbe
+
+    @property
+    def rows(self) -> list[dict]:
+        """One per probed step."""
+        return self.probe.rows
+
+    @property
+    def disabled(self) -> str | None:
+        """Why the probe is off, once it is."""
+        return self.probe.disabled
+
+
 def unscored(completions: list, **kwargs) -> list[float]:
     """No reward: the E and V batches need only their responses (their rewards, 0, are unused)."""
     return [0.0] * len(completions)

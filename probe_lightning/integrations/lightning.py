@@ -43,12 +43,12 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from probe_lightning.data import PromptBatch
 from probe_lightning.distributed import SUPPORTED_STRATEGIES
-from probe_lightning.integrations.core import KEYS, InTrainingProbe, TrainerTokens
+from probe_lightning.integrations.core import KEYS, InTrainingProbe, ProbeAdapter, TrainerTokens
 from probe_lightning.integrations.live_optimizer import unsupported_optimizer
 from probe_lightning.sampling import GenerationConfig
 
 
-class EntropyProbeCallback(pl.Callback):
+class EntropyProbeCallback(ProbeAdapter, pl.Callback):
     def __init__(
         self,
         prompts: Sequence,
@@ -67,16 +67,6 @@ class EntropyProbeCallback(pl.Callback):
         self.prompts, self.tokenizer, self.generation = prompts, tokenizer, generation
         self.output_dir, self.model_attribute = output_dir, model_attribute
         self.folder: Path | None = None  # where the table and the plot go, known once training starts
-
-    @property
-    def rows(self) -> list[dict]:
-        """One per probed step (core.InTrainingProbe's)."""
-        return self.probe.rows
-
-    @property
-    def disabled(self) -> str | None:
-        """Why the probe is off, once it is."""
-        return self.probe.disabled
 
     def prompt_batch(self, role: str, step: int) -> PromptBatch:
         """The E (B_E) or V (B_V) prompts of the probe at `step`, drawn from `prompts`

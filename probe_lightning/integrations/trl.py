@@ -20,12 +20,12 @@ import torch
 from transformers import TrainerCallback
 
 from probe_lightning.data import PromptBatch
-from probe_lightning.integrations.core import KEYS, InTrainingProbe, TrainerTokens
+from probe_lightning.integrations.core import KEYS, InTrainingProbe, ProbeAdapter, TrainerTokens
 from probe_lightning.integrations.live_optimizer import unsupported_optimizer
 from probe_lightning.sampling import GenerationConfig
 
 
-class EntropyProbeCallback(TrainerCallback):
+class EntropyProbeCallback(ProbeAdapter, TrainerCallback):
     def __init__(
         self,
         every_n_steps: int = 10,
@@ -43,16 +43,6 @@ class EntropyProbeCallback(TrainerCallback):
         self.tf_batch_size, self.gen_batch_size = tf_batch_size, gen_batch_size
         self.trainer = None
         self._trainer_batch: dict[str, torch.Tensor] | None = None  # the latest generation batch
-
-    @property
-    def rows(self) -> list[dict]:
-        """One per probed step (core.InTrainingProbe's)."""
-        return self.probe.rows
-
-    @property
-    def disabled(self) -> str | None:
-        """Why the probe is off, once it is."""
-        return self.probe.disabled
 
     # ---- the trainer's events ----
 
