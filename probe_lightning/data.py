@@ -203,6 +203,10 @@ class ProbeDataModule(pl.LightningDataModule):
             target_rse is None or not rollouts,
             "data.target_rse draws more prompts and samples them; data.rollouts replays a fixed set: drop one",
         )
+        require(
+            target_rse is None or not save_rollouts,
+            "data.save_rollouts with data.target_rse would save the first stage's rollouts only: drop one",
+        )
         require(max_prompts >= B_E + B_U, f"data.max_prompts = {max_prompts} < data.B_E + data.B_U = {B_E + B_U}")
         # The saved run's identity (rollout_store.py), read now so a bad folder stops the run before the model loads.
         self.replay_identity: dict | None = rollout_store.read_identity(rollouts) if rollouts else None

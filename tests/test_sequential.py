@@ -119,6 +119,7 @@ def test_target_rse_on_the_command_line_records_its_stages_and_draws_disjoint_pr
         (["--model.trainer.top_entropy_quantile", "0.5"], "is not supported"),
         (["--data.rollouts", "nowhere"], "data.rollouts"),
         (["--data.max_prompts", "4"], "data.max_prompts = 4 < data.B_E + data.B_U = 8"),
+        (["--data.save_rollouts", "true"], "would save the first stage's rollouts only"),
     ],
 )
 def test_target_rse_refuses_what_it_cannot_do_in_one_line(world, prompts_file, tmp_path, extra, message):
