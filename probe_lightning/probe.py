@@ -8,8 +8,6 @@ token_mean's plug-ins and Ȳ are known; X̄ = ΣX / B_E, δH₁ = η ⟨X̄, Ȳ�
 """
 
 import math
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Protocol
 
@@ -25,7 +23,7 @@ from probe_lightning.distributed import Collectives
 from probe_lightning.entropy_coef import CoefficientStep, entropy_coef_for_zero, entropy_directions
 from probe_lightning.next_checkpoint import NextCheckpoint, step_agreement
 from probe_lightning.progress import phase_bar
-from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults
+from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults, timed_into
 from probe_lightning.rollout import Rollout, RolloutMaker
 from probe_lightning.sequential import SequentialSampling
 from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
@@ -151,14 +149,9 @@ class Probe:
         vectors = self.vectors if self.settings.save_vectors else None
         return replace(output, finished=finished, contributions=contributions, vectors=vectors)
 
-    @contextmanager
     def _charged(self, role: str):
         """The time inside, added to role's seconds."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.role_seconds[role] = self.role_seconds.get(role, 0.0) + time.perf_counter() - start
+        return timed_into(self.role_seconds, role)
 
     def _unless_failed(self, work):
         """work(), unless this process has failed; with several processes its error is held, not raised."""

@@ -100,6 +100,16 @@ class RunInfo:
         return "identity" if self.update == "identity" else "adam"
 
 
+@contextmanager
+def timed_into(seconds: dict[str, float], key: str):
+    """The wall time inside, added to seconds[key]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class RunResults:
     """The run so far: its settings and the finished probes."""
@@ -107,14 +117,9 @@ class RunResults:
     info: RunInfo
     probes: list[ProbeResult] = field(default_factory=list)
 
-    @contextmanager
     def timed(self, phase: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            timings = self.info.timings
-            timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+        """The time inside, added to the run's seconds of `phase`."""
+        return timed_into(self.info.timings, phase)
 
     def to_dict(self) -> dict:
         """results.json: the settings, one row per probe, and their mean (with its standard error)."""
