@@ -250,8 +250,7 @@ class Probe:
         """The held E rollouts into ΣX; with directions (Ȳ for the standard error, Δθ_real for the next
         checkpoint, the live step in a training run) one prompt per forward, each giving ⟨X(e), direction⟩
         (in entropy_derivatives) as its gradient is added."""
-        held, self.held = self.held, []
-        for rollout in held:
+        for rollout in self.held:  # kept until the probe ends: a later stage's E pass goes over them again
             self.accumulate(rollout, directions)
 
     def accumulate(
@@ -360,7 +359,6 @@ class Probe:
             directions["real_step"] = [
                 (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
             ]
-        held = list(self.held)
         if self.sequential is not None:  # a stage's E pass over every E prompt so far
             self.entropy_derivatives = []
             self.scored = [(micro, tf) for micro, tf in self.scored if micro.role != "E"]
@@ -368,7 +366,6 @@ class Probe:
                 s.zero_()
         with self._charged("E"):
             self._unless_failed(lambda: self.entropy_pass(directions))
-        self.held = held
         self.collectives.raise_any(self.failure)
         self.collectives.sum_(sums.sum_x)
         with self.results.timed("finish_probe"):
