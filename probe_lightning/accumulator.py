@@ -44,14 +44,16 @@ class ProbeSums:
 
     def add_gradient(
         self,
-        sums: list[torch.Tensor],
+        sums: list[torch.Tensor] | None,
         loss: torch.Tensor,
         directions: list[list[torch.Tensor]] = (),
         retain_graph: bool = False,
-    ) -> list[float]:
+    ) -> torch.Tensor:
         """sums += ∇loss, each parameter's gradient added as soon as backward completes it, then dropped;
-        with directions, also ⟨∇loss, d⟩ for each (float64), taken from the same gradients. retain_graph: the
-        graph stays for a second loss of the same forward (the entropy bonus's, into ΣB).
+        with directions, also ⟨∇loss, d⟩ for each, parameter by parameter (float64 [directions, parameters]: the
+        per-tensor terms, whose sums over parameters are the dot products), taken from the same gradients.
+        sums None: the gradient is only dotted with the directions, then dropped. retain_graph: the graph stays
+        for a second loss of the same forward (the entropy bonus's, into ΣB).
 
         As in a plain loss.backward() into existing .grad, the whole gradient never exists at once
         (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak);
@@ -59,25 +61,27 @@ class ProbeSums:
         never exists whole. The parameters' own .grad are left as they were.
         """
         saved_grads = [p.grad for p in self.params]
-        along = [0.0] * len(directions)
+        along = torch.zeros(len(directions), len(self.params), dtype=torch.float64)
         towards = [list(per_param) for per_param in zip(*directions)] or [[] for _ in self.params]
+        sums = [None] * len(self.params) if sums is None else sums
 
-        def add_into(total: torch.Tensor, toward: list[torch.Tensor]):
+        def add_into(total: torch.Tensor | None, toward: list[torch.Tensor], index: int):
             def hook(param: torch.Tensor) -> None:
                 if param.grad is None:  # an output weight whose gradient went into its sum (_IntoSum)
                     return
-                total.add_(param.grad)
+                if total is not None:
+                    total.add_(param.grad)
                 for i, d in enumerate(toward):
-                    along[i] += dot64(param.grad, d)
+                    along[i, index] += dot64(param.grad, d)
                 param.grad = None
 
             return hook
 
         handles = [
-            p.register_post_accumulate_grad_hook(add_into(total, toward))
-            for p, total, toward in zip(self.params, sums, towards, strict=True)
+            p.register_post_accumulate_grad_hook(add_into(total, toward, k))
+            for k, (p, total, toward) in enumerate(zip(self.params, sums, towards, strict=True))
         ]
-        sinks = {p: _IntoSum(total, toward, along) for p, total, toward in zip(self.params, sums, towards)}
+        sinks = {p: _IntoSum(p, total, toward, along[:, k]) for k, (p, total, toward) in enumerate(zip(self.params, sums, towards))}
         try:
             for p in self.params:
                 p.grad = None
@@ -136,13 +140,16 @@ class ProbeSums:
 
 
 class _IntoSum:
-    """Where the output layer's backward adds its weight's gradient: the sum itself. With directions, the
-    dot product that gradient adds along each is the sum's dot product after the additions less before."""
+    """Where the output layer's backward adds its weight's gradient: the sum itself (a zero scratch when nothing
+    is kept). With directions, the dot product that gradient adds along each is the sum's dot product after the
+    additions less before (into along, this parameter's column)."""
 
-    def __init__(self, total: torch.Tensor, toward: list[torch.Tensor], along: list[float]):
-        self.total, self.toward, self.along = total, toward, along
+    def __init__(self, param: torch.Tensor, total: torch.Tensor | None, toward: list[torch.Tensor], along: torch.Tensor):
+        self.param, self.total, self.toward, self.along = param, total, toward, along
 
     def __enter__(self) -> torch.Tensor:
+        if self.total is None:
+            self.total = torch.zeros_like(self.param, dtype=torch.promote_types(self.param.dtype, torch.float32))
         self.before = [dot64(self.total, d) for d in self.toward]
         return self.total
 

@@ -45,7 +45,11 @@ def test_add_gradient_adds_the_gradient_and_its_dot_products_with_directions(tok
     assert [sink.total is sums.sum_x[head] for sink in entered] == [True]  # entered once, for the output layer
     for total, value, grad in zip(sums.sum_x, start, expected):
         torch.testing.assert_close(total - value, grad, rtol=1e-9, atol=1e-12)
-    for value, direction in zip(along, directions, strict=True):
-        dot = sum(torch.vdot(g.flatten(), d.flatten()).item() for g, d in zip(expected, direction))
-        assert value == pytest.approx(dot, rel=1e-9)
+    for per_param, direction in zip(along, directions, strict=True):  # each parameter's term, and their sum
+        dots = [torch.vdot(g.flatten(), d.flatten()).item() for g, d in zip(expected, direction)]
+        assert per_param.tolist() == pytest.approx(dots, rel=1e-9, abs=1e-12)
+        assert per_param.sum().item() == pytest.approx(sum(dots), rel=1e-9)
     assert all(p.grad is None for p in params)
+    unkept = [total.clone() for total in sums.sum_x]
+    torch.testing.assert_close(sums.add_gradient(None, loss(), directions), along, rtol=1e-9, atol=1e-12)  # only dotted
+    assert all(torch.equal(a, b) for a, b in zip(sums.sum_x, unkept)) and all(p.grad is None for p in params)
