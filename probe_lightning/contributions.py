@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from probe_lightning.estimators import plugin_standard_error, standard_error_parts
 from probe_lightning.rollout import Rollout
 from probe_lightning.trainer_loss import entropy_threshold
 from probe_lightning.true_change import token_covariances
@@ -82,33 +83,65 @@ class ProbeContributions:
         scored = [t for t in self.tokens if t["contribution"] is not None]
         return sorted(scored, key=lambda t: -abs(t["contribution"]))[:TOP]
 
-    def counterfactuals(self, seed: int = 0) -> dict[str, dict]:
-        """δH₁ of the step trained only on a token selection: the sum of the kept U tokens' contributions
-        (the trainer's normaliser unchanged, as TRL applies its entropy mask)."""
+    def counterfactuals(
+        self, selections: dict[str, dict[tuple[int, int], torch.Tensor]], update_ids: list[int], scale: float,
+        entropy_terms: dict[str, torch.Tensor],
+    ) -> dict[str, dict]:  # fmt: skip
+        """δH₁ of the step trained only on each token selection (select_tokens, as a keep mask per U response
+        keyed (prompt id, response)): the sum of the kept U tokens' contributions (the trainer's normaliser
+        unchanged, as TRL applies its entropy mask), with its plug-in SE (docs/math.md §9) from each E prompt's
+        a_e(S) = ⟨X(e), the selection's step⟩ (entropy_terms[name], from the E pass) and each U prompt's share
+        of the kept tokens (update_ids: every U prompt, those without tokens too); likewise for the removed ones."""
         update = [t for t in self.tokens if t["role"] == "U"]
         if not update:
             return {}
         d = torch.tensor([t["contribution"] for t in update], dtype=torch.float64)
-        entropy = torch.tensor([t["entropy"] for t in update], dtype=torch.float64)
-        log_q = torch.tensor([t["log_q"] for t in update], dtype=torch.float64)
-        advantage = torch.tensor([t["advantage"] for t in update], dtype=torch.float64)
-        keep = {"all": torch.ones_like(d, dtype=torch.bool)}
-        for rho in TOP_ENTROPY_QUANTILES:  # TRL's top_entropy_quantile: H_t >= the (1 − ρ) quantile
-            keep[f"top_entropy_{rho}"] = entropy >= entropy_threshold(entropy, rho)
-        covariance = token_covariances(log_q, advantage)
-        band = ((covariance >= CLIP_COV_BOUNDS[0]) & (covariance <= CLIP_COV_BOUNDS[1])).nonzero().flatten()
-        clip_count = min(max(int(CLIP_COV_RATIO * len(d)), 1), len(band))
-        chosen = band[torch.randperm(len(band), generator=torch.Generator().manual_seed(seed))[:clip_count]]
-        keep["clip_cov"] = torch.ones_like(keep["all"]).index_fill_(0, chosen, False)
-        top_k = covariance.topk(max(int(KL_COV_RATIO * len(d)), 1)).indices
-        # KL-Cov's penalty has no gradient on-policy (ratio 1): its first step trains on every token; the
-        # row reports the step without the selected tokens, the limit of a strong penalty.
-        keep["kl_cov"] = torch.ones_like(keep["all"]).index_fill_(0, top_k, False)
-        return {
-            name: {"delta_h1": d[mask].sum().item(), "tokens": int(mask.sum()), "fraction": mask.float().mean().item(),
-                   "removed_delta_h1": d[~mask].sum().item()}
-            for name, mask in keep.items()
-        }  # fmt: skip
+        responses = [_response(t["key"]) for t in update]
+        prompt_of = torch.tensor([update_ids.index(prompt_id) for prompt_id, _ in responses])
+        B_U = len(update_ids)
+
+        def per_prompt(mask: torch.Tensor) -> torch.Tensor:  # b_u(S): a U prompt's kept share, in b_u's units
+            shares = torch.zeros(B_U, dtype=torch.float64).index_add_(0, prompt_of[mask], d[mask])
+            return shares * B_U / scale
+
+        entries = {}
+        for name, keep in selections.items():
+            mask = torch.tensor([bool(keep[r][t["position"]]) for r, t in zip(responses, update)])
+            a_kept, b_kept = entropy_terms[name], per_prompt(mask)
+            a_removed, b_removed = entropy_terms["all"] - a_kept, per_prompt(~mask)
+            entries[name] = {
+                "delta_h1": d[mask].sum().item(), "tokens": int(mask.sum()), "fraction": mask.float().mean().item(),
+                "se": plugin_standard_error(a_kept, b_kept, scale),
+                "se_parts": standard_error_parts(a_kept, b_kept, scale),
+                "removed_delta_h1": d[~mask].sum().item(),
+                "removed_se": plugin_standard_error(a_removed, b_removed, scale),
+            }  # fmt: skip
+        return entries
+
+
+def select_tokens(entropy: torch.Tensor, log_q: torch.Tensor, advantage: torch.Tensor, seed: int = 0) -> dict:
+    """The counterfactual token selections over a U batch's tokens (flat, in the tables' order): {name: keep mask}.
+    TRL's top_entropy_quantile ρ keeps H_t >= the (1 − ρ) quantile; Clip-Cov drops CLIP_COV_RATIO of the tokens,
+    drawn from those whose centred covariance lies in CLIP_COV_BOUNDS; KL-Cov the top KL_COV_RATIO by covariance."""
+    keep = {"all": torch.ones_like(entropy, dtype=torch.bool)}
+    for rho in TOP_ENTROPY_QUANTILES:
+        keep[f"top_entropy_{rho}"] = entropy >= entropy_threshold(entropy, rho)
+    covariance = token_covariances(log_q, advantage)
+    band = ((covariance >= CLIP_COV_BOUNDS[0]) & (covariance <= CLIP_COV_BOUNDS[1])).nonzero().flatten()
+    clip_count = min(max(int(CLIP_COV_RATIO * len(entropy)), 1), len(band))
+    chosen = band[torch.randperm(len(band), generator=torch.Generator().manual_seed(seed))[:clip_count]]
+    keep["clip_cov"] = torch.ones_like(keep["all"]).index_fill_(0, chosen, False)
+    top_k = covariance.topk(max(int(KL_COV_RATIO * len(entropy)), 1)).indices
+    # KL-Cov's penalty has no gradient on-policy (ratio 1): its first step trains on every token; the
+    # selection is the step without the selected tokens, the limit of a strong penalty.
+    keep["kl_cov"] = torch.ones_like(keep["all"]).index_fill_(0, top_k, False)
+    return keep
+
+
+def _response(key: str) -> tuple[int, int]:
+    """(prompt id, response index) from a row's key "probe/role/prompt_id/response"."""
+    _, _, prompt_id, response = key.split("/")
+    return int(prompt_id), int(response)
 
 
 def _sample_order(row: dict) -> tuple[int, int, int]:

@@ -162,17 +162,15 @@ class EntropyCoefficient:
 
 
 def entropy_directions(
-    geometry: UpdateGeometry, step: CoefficientStep, params: list[torch.Tensor]
+    step_derivative: Callable[[list[torch.Tensor]], list[torch.Tensor]], step: CoefficientStep, adamw: bool
 ) -> dict[str, list[torch.Tensor]]:
-    """The E pass's extra directions, whose a_e give the standard error of c*: the step's derivative at ĝ₀ applied to
-    g_b ("bonus_step": P g_b, or D₀ ⊙ g_b for adamw_step) and, for adamw_step, to ĝ₀ ("gradient_step")."""
-    if geometry.kind != "adamw_step":
-        return {"bonus_step": geometry.step_direction(step.bonus_grad, params)}
-    derivative = adamw_step_derivative(geometry.states, params, step.grad_j)
-    return {
-        "bonus_step": [d * g for d, g in zip(derivative, step.bonus_grad)],
-        "gradient_step": [d * g for d, g in zip(derivative, step.grad_j)],
-    }
+    """The E pass's extra directions, whose a_e give the standard error of c*: the step's derivative at ĝ₀
+    (UpdateGeometry.step_derivative) applied to g_b ("bonus_step": P g_b, or D₀ ⊙ g_b for adamw_step) and, for
+    adamw_step, to ĝ₀ ("gradient_step")."""
+    directions = {"bonus_step": step_derivative(step.bonus_grad)}
+    if adamw:
+        directions["gradient_step"] = step_derivative(step.grad_j)
+    return directions
 
 
 def entropy_coef_for_zero(

@@ -16,7 +16,7 @@ import torch
 from probe_lightning import estimators
 from probe_lightning.accumulator import NamedParams, ProbeSums
 from probe_lightning.config import require
-from probe_lightning.contributions import ProbeContributions
+from probe_lightning.contributions import ProbeContributions, select_tokens
 from probe_lightning.data import PromptBatch
 from probe_lightning.directional import directional_derivatives
 from probe_lightning.distributed import Collectives
@@ -32,7 +32,7 @@ from probe_lightning.trainer_loss import STD_EPS, TOKEN_COUNT_LOSSES, check_rout
 from probe_lightning.true_change import covariance_proxy, eta_sweep, score, true_change
 from probe_lightning.update import UpdateGeometry
 from probe_lightning.update_batch import UpdateBatch
-from probe_lightning.vectors import block_shares, parameter_shares
+from probe_lightning.vectors import block_shares, parameter_shares, share_standard_errors
 
 
 class RolloutCheck(Protocol):
@@ -115,6 +115,10 @@ class Probe:
         self.x_weights = [1.0]  # X(p) = ∇ Σ_k x_weights[k] (entropy column k)
         # (E prompt id, {direction: ⟨X(e), direction⟩}): a_e along Ȳ (the standard error), along Δθ_real
         self.entropy_derivatives: list[tuple[int, dict[str, float]]] = []
+        # per E prompt, ⟨X(e), Ȳ⟩ parameter tensor by tensor: the E side of the parameter and block shares' SEs
+        self.entropy_parameter_terms: list[torch.Tensor] = []
+        # with the standard error: the counterfactual token selections, a keep mask per U response (_token_selections)
+        self.selections: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
         # With the standard error and a TRL loss, ΣB too: the entropy bonus's gradient per unit coefficient, for the
         # entropy_coef that holds the entropy steady (entropy_coef.py)
         self.with_bonus_sum = (
@@ -276,7 +280,10 @@ class Probe:
                         loss = columns @ columns.new_tensor(self.x_weights)
                         along = self.sums.add_gradient(self.sums.sum_x, loss, list((directions or {}).values()))
                         if directions:
-                            self.entropy_derivatives.append((micro.prompt_ids[0], dict(zip(directions, along))))
+                            totals = dict(zip(directions, along.sum(1).tolist()))
+                            self.entropy_derivatives.append((micro.prompt_ids[0], totals))
+                        if "y_bar" in (directions or {}):
+                            self.entropy_parameter_terms.append(along[list(directions).index("y_bar")])
                     elif self.sums.sum_b is None:
                         self.sums.add_gradient(self.sums.sum_y, self.update_loss(micro, tf).sum())
                     else:  # the same forward's bonus, per unit coefficient, into ΣB
@@ -319,7 +326,7 @@ class Probe:
                     result.covariance, self.collectives.gather,
                 )  # fmt: skip
         self.sums, self.scored, self.evaluation = ProbeSums(self.named_params, bonus=self.with_bonus_sum), [], []
-        self.entropy_derivatives, self.role_seconds, self.held = [], {}, []
+        self.entropy_derivatives, self.entropy_parameter_terms, self.role_seconds, self.held = [], [], {}, []
         self.results.probes.append(result)
         self.contributions = contributions
         return result
@@ -352,15 +359,20 @@ class Probe:
             require(e.tokens > 0, f"probe {probe_index}: every E response is empty, so token_mean is undefined")
             self.x_weights = estimators.token_mean_weights(e.entropy_sum, e.tokens, e.responses)
         directions = {"y_bar": y_bar} if self.settings.standard_error else {}
-        if step is not None:
+        if self.settings.standard_error:
             with self.results.timed("finish_probe"):
-                directions.update(entropy_directions(self.geometry, step, params))
+                step_derivative = self.geometry.step_derivative(grad_j, params)
+                if step is not None:
+                    directions.update(entropy_directions(step_derivative, step, self.geometry.kind == "adamw_step"))
+            with self.results.timed("selection_steps"), self._charged("U"):
+                self.selections = self._token_selections()
+                directions.update(self._selection_directions(step_derivative, grad_j, batch_scale * clip))
         if self.next_checkpoint is not None:  # Δθ_real = θ′ − θ
             directions["real_step"] = [
                 (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
             ]
         if self.sequential is not None:  # a stage's E pass over every E prompt so far
-            self.entropy_derivatives = []
+            self.entropy_derivatives, self.entropy_parameter_terms = [], []
             self.scored = [(micro, tf) for micro, tf in self.scored if micro.role != "E"]
             for s in sums.sum_x:
                 s.zero_()
@@ -394,6 +406,88 @@ class Probe:
         result.block_shares = block_shares(result.parameter_shares)
         return result, params, step, directions
 
+    def _token_selections(self) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
+        """The counterfactual token selections (contributions.select_tokens) over every U token of the probe, all
+        processes together, in the tables' order; as a keep mask per U response, keyed (prompt id, response)."""
+        local = []
+        for micro, tf in self.scored:
+            if micro.role != "U":
+                continue
+            lengths = micro.batch.response_mask.sum(-1).tolist()
+            for b, prompt_id in enumerate(micro.prompt_ids):
+                for g, n in enumerate(lengths[b]):
+                    scores = (tf.token_entropies[b, g, :n], tf.token_logprobs[b, g, :n])
+                    local.append(((prompt_id, g), *[x.double().cpu() for x in scores], micro.advantages[b, g].item()))
+        responses = sorted((r for share in self.collectives.gather(local) for r in share), key=lambda r: r[0])
+        if not any(len(r[1]) for r in responses):  # every U response is empty: nothing to select
+            return {}
+        entropy, log_q = (torch.cat([r[k] for r in responses]) for k in (1, 2))
+        advantage = torch.cat([torch.full_like(r[1], r[3]) for r in responses])
+        lengths = [len(r[1]) for r in responses]
+        return {
+            name: dict(zip([r[0] for r in responses], keep.split(lengths)))
+            for name, keep in select_tokens(entropy, log_q, advantage).items()
+        }
+
+    def _selection_directions(
+        self, step_derivative: Callable[[list[torch.Tensor]], list[torch.Tensor]], grad_j: list[torch.Tensor],
+        update_scale: float,
+    ) -> dict[str, list[torch.Tensor]]:  # fmt: skip
+        """Each counterfactual selection's step, to first order: (∂Ȳ/∂∇J) ĝ_S, ĝ_S the clipped ∇J̄'s piece from the
+        selected tokens (as their contributions add it up: update_scale / B_U times ∇ Σ_{t∈S} (c log q + c_H H_t)).
+        One more teacher forcing of the U batch with a backward per selection from the same forward, each over the
+        smaller side: the selected tokens, or the removed ones taken from ∇J̄. The E pass takes them as directions
+        ("selection/NAME"; "all" is Ȳ's own linearisation: y_bar, or gradient_step for adamw_step)."""
+        if not self.selections:
+            return {}
+        names = [name for name in self.selections if name != "all"]
+        tokens = sum(len(keep) for keep in self.selections["all"].values())
+        kept = {name: sum(int(keep.sum()) for keep in self.selections[name].values()) for name in names}
+        removed = {name: 2 * kept[name] > tokens for name in names}  # backward the removed tokens instead
+        sums = {name: [torch.zeros_like(g) for g in grad_j] for name in names}
+        bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
+
+        def selection_pass():
+            for micro, scored in phase_bar("selection steps", "microbatch", iterable=self._update_scored()):
+                masks = {name: self._keep_mask(micro, self.selections[name], removed[name]) for name in names}
+                wanted = [name for name in names if masks[name].any()]
+                if not wanted:
+                    continue
+                tf = self.processor.teacher_force_logprobs(micro.batch, with_grad=True)
+                coefficients, bonus_coefficients = self.update_batch.coefficients(micro, scored.token_logprobs)
+                with torch.enable_grad():
+                    for i, name in enumerate(wanted):
+                        loss = (coefficients * masks[name] * tf.token_logprobs).sum()
+                        if bonus:
+                            loss = loss + (bonus_coefficients * masks[name] * tf.token_entropies).sum()
+                        self.sums.add_gradient(sums[name], loss, retain_graph=i + 1 < len(wanted))
+
+        self._unless_failed(selection_pass)
+        self.collectives.raise_any(self.failure)
+        B_U = self.sums.counts["U"].prompts
+        directions = {"gradient_step": step_derivative(grad_j)} if self.geometry.kind == "adamw_step" else {}
+        for name in names:
+            total = sums.pop(name)
+            self.collectives.sum_(total)
+            piece = [s.mul_(update_scale / B_U) for s in total]
+            if removed[name]:
+                piece = [g - s for g, s in zip(grad_j, piece)]
+            directions[f"selection/{name}"] = step_derivative(piece)
+        return directions
+
+    def _update_scored(self) -> list[tuple[Rollout, TeacherForcing]]:
+        return [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
+
+    @staticmethod
+    def _keep_mask(micro: Rollout, selection: dict[tuple[int, int], torch.Tensor], invert: bool) -> torch.Tensor:
+        """[B, G, R] the selection's tokens of a U microbatch (the ones it removes, with invert)."""
+        mask = torch.zeros_like(micro.batch.response_mask, dtype=torch.float32)
+        for b, prompt_id in enumerate(micro.prompt_ids):
+            for g in range(micro.batch.num_responses_per_prompt):
+                keep = selection[(prompt_id, g)]
+                mask[b, g, : len(keep)] = (~keep if invert else keep).float()
+        return mask
+
     def _standard_error(
         self, result: ProbeResult, params: list[torch.Tensor], step: CoefficientStep | None
     ) -> ProbeContributions | None:
@@ -401,8 +495,12 @@ class Probe:
         B_E, B_U = result.B_E, result.B_U
         contributions = None
         if self.settings.standard_error:
+            vectors = self.vectors
+            direction = self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)
+            with self.results.timed("share_se"), self._charged("U"):
+                self._share_standard_errors(result, direction)
             with self.results.timed("standard_error"), self._charged("U"):
-                contributions = self._contributions(result, params, step)
+                contributions = self._contributions(result, direction, step)
             # Wall seconds per prompt: each process's time over all processes' prompts (they run side by side).
             sizes = {"E": B_E, "U": B_U}
             result.seconds_per_prompt = {role: self.role_seconds.get(role, 0.0) / B for role, B in sizes.items()}
@@ -412,16 +510,46 @@ class Probe:
             )
         return contributions
 
+    def _share_standard_errors(self, result: ProbeResult, direction: list[torch.Tensor]) -> None:
+        """The plug-in SE of each parameter tensor's and each block's share of δH₁ (docs/math.md §9): the E side from
+        the E pass's per-tensor ⟨X(e), Ȳ⟩, the U side b_u per tensor, ⟨v_k, ∇J(p_u)_k⟩, from one more backward per
+        U prompt whose gradient is only dotted with v (forward mode would need a pass per block)."""
+        bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
+
+        def update_terms() -> list[torch.Tensor]:
+            rows = []
+            for micro, _ in phase_bar("share SE", "microbatch", iterable=self._update_scored()):
+                for b in range(micro.batch.num_prompts):
+                    one = micro.select(slice(b, b + 1))
+                    tf = self.processor.teacher_force_logprobs(one.batch, with_grad=True)
+                    coefficients, bonus_coefficients = self.update_batch.coefficients(one, tf.token_logprobs.detach())
+                    with torch.enable_grad():
+                        loss = (coefficients * tf.token_logprobs).sum()
+                        if bonus:
+                            loss = loss + (bonus_coefficients * tf.token_entropies).sum()
+                        rows.append(self.sums.add_gradient(None, loss, [direction])[0] * self.vectors.update_scale)
+            return rows
+
+        rows = self._unless_failed(update_terms)
+        self.collectives.raise_any(self.failure)
+        shares = self.collectives.gather((self.entropy_parameter_terms, rows))
+        entropy_terms = torch.stack([t for share in shares for t in share[0]])
+        update_terms = torch.stack([t for share in shares for t in share[1]])
+        result.parameter_shares_se, result.block_shares_se = share_standard_errors(
+            self.weight_keys, entropy_terms, update_terms, self.geometry.scale
+        )
+
     def _contributions(
-        self, result: ProbeResult, params: list[torch.Tensor], step: CoefficientStep | None
+        self, result: ProbeResult, direction: list[torch.Tensor], step: CoefficientStep | None
     ) -> ProbeContributions:
         """The plug-in SE from a_e per E prompt (kept by the E pass) and b_u per U prompt, and every sample's
         share of δH₁: η a_e / B_E per E prompt, d_{u,g,t} = η c ⟨v, ∇log q(y_t)⟩ / B_U per U token, from one
-        forward-mode pass over the U batch along v; with step, the entropy_coef that holds the entropy steady."""
+        forward-mode pass over the U batch along v (direction); the counterfactual selections with their SEs; with
+        step, the entropy_coef that holds the entropy steady."""
         vectors, scale = self.vectors, self.geometry.scale
         B_E, B_U = result.B_E, result.B_U
-        update = [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
-        direction = self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)
+        update = self._update_scored()
+        params = [p for _, p in self.named_params]
         # Each token's share: its log q's derivative times its coefficient, plus, with an entropy bonus, its H_t's
         # derivative times the bonus's coefficient (both from the one forward-mode pass).
         bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
@@ -453,7 +581,8 @@ class Probe:
                 local.add_rollout(micro, None, None, tf.token_logprobs, tf.token_entropies, self.processor.tokenizer)
         bonus_b = torch.cat(bonus_b).cpu() if bonus_b else None
         shares = self.collectives.gather((self.entropy_derivatives, torch.cat(b_u).cpu(), update_ids, local, bonus_b))
-        entropy = [(prompt_id, along["y_bar"]) for share in shares for prompt_id, along in share[0]]
+        along = [along for share in shares for _, along in share[0]]  # per E prompt, a_e along each direction
+        entropy = [(prompt_id, a["y_bar"]) for share in shares for prompt_id, a in share[0]]
         a_e = torch.tensor([a for _, a in entropy], dtype=torch.float64)
         b_u, update_ids = torch.cat([s[1] for s in shares]), [i for s in shares for i in s[2]]
         contributions = ProbeContributions.merge([s[3] for s in shares])
@@ -464,9 +593,12 @@ class Probe:
         result.contributions_add_up_to = "the linearised step" if self.geometry.kind == "adamw_step" else "delta_h1"
         result.top_responses = contributions.top_responses()
         result.top_tokens = contributions.top_tokens()
-        result.counterfactuals = contributions.counterfactuals()
+        step_of_all = "gradient_step" if self.geometry.kind == "adamw_step" else "y_bar"  # the linearised Ȳ
+        result.counterfactuals = contributions.counterfactuals(self.selections, update_ids, scale, {
+            name: torch.tensor([a[step_of_all if name == "all" else f"selection/{name}"] for a in along], dtype=torch.float64)
+            for name in self.selections
+        })  # fmt: skip
         if step is not None:
-            along = [along for share in shares for _, along in share[0]]
             entropy_terms = {name: torch.tensor([a[name] for a in along], dtype=torch.float64) for name in along[0]}
             result.counterfactuals[ENTROPY_COEF_FOR_ZERO] = entropy_coef_for_zero(
                 self.geometry, step, vectors.x_bar, params, result.delta_h1, entropy_terms, b_u,

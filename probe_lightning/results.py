@@ -57,13 +57,16 @@ class ProbeResult:
     contributions_add_up_to: str | None = None
     top_responses: list[dict] | None = None  # the 10 responses with the largest |contribution|, with tokens
     top_tokens: list[dict] | None = None  # the 10 U tokens with the largest |contribution|
-    # δH₁ of the step trained only on token selections ({delta_h1, tokens, fraction, removed_delta_h1} by name), and
+    # δH₁ of the step trained only on token selections ({delta_h1, tokens, fraction, se, se_parts, removed_delta_h1,
+    # removed_se} by name), and
     # ENTROPY_COEF_FOR_ZERO: the entropy_coef c* whose step leaves the entropy unchanged (entropy_coef.py)
     counterfactuals: dict[str, dict] | None = None
     # ⟨X̄_k, Δθ_k⟩ per parameter tensor (by its checkpoint key) and summed per block (embeddings, each decoder
     # layer, final norm, output head): where in the network δH₁ comes from; each set adds up to delta_h1
     parameter_shares: dict[str, float] | None = None
     block_shares: dict[str, float] | None = None
+    parameter_shares_se: dict[str, float] | None = None  # their plug-in standard errors, with the standard error
+    block_shares_se: dict[str, float] | None = None
     # model.next_checkpoint: the step the trainer really took beside the predicted one (Probe._against_next_checkpoint)
     next_checkpoint: dict | None = None
 

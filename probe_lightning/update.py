@@ -5,6 +5,7 @@
 - adamw_step:         Ȳ = Δθ(∇J̄),        δH₁ = ⟨X̄, Δθ⟩    (the exact AdamW step; η is inside Δθ)
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -58,6 +59,16 @@ class UpdateGeometry:
         if self.kind == "adamw_step":
             return adamw_step([replace(s, lr=eta) for s in self.states], params, grad_j)
         return [eta * y for y in self.step_direction(grad_j, params)]
+
+    def step_derivative(
+        self, grad_j: list[torch.Tensor], params: list[torch.Tensor]
+    ) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+        """g ↦ (∂Ȳ/∂∇J at grad_j) g: Ȳ's own map for the linear geometries (P ⊙ g, or g), D ⊙ g for adamw_step
+        (D = adamw_step_derivative, computed once here). A gradient piece's first-order share of the step."""
+        if self.kind != "adamw_step":
+            return lambda g: self.step_direction(g, params)
+        derivative = adamw_step_derivative(self.states, params, grad_j)
+        return lambda g: [d * x for d, x in zip(derivative, g)]
 
     def update_tangent(
         self, x_bar: list[torch.Tensor], grad_j: list[torch.Tensor], params: list[torch.Tensor]

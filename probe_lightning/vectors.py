@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from probe_lightning.estimators import dot64
+from probe_lightning.estimators import dot64, plugin_standard_error
 
 # The decoder layer a parameter belongs to: "model.layers.3.", "transformer.h.3.", "encoder.block.3." ...
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
@@ -57,6 +57,22 @@ def block_shares(shares: dict[str, float]) -> dict[str, float]:
         blocks[block] = blocks.get(block, 0.0) + share
     order = {"embeddings": (0, 0), "final norm": (2, 0), "output head": (3, 0), "other": (4, 0)}
     return dict(sorted(blocks.items(), key=lambda item: order.get(item[0]) or (1, int(item[0].split()[1]))))
+
+
+def share_standard_errors(
+    keys: list[str], entropy_terms: torch.Tensor, update_terms: torch.Tensor, scale: float
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The plug-in SE of each parameter tensor's and each block's share (docs/math.md §9), from entropy_terms
+    [B_E, tensors] (⟨X(e)_k, Ȳ_k⟩) and update_terms [B_U, tensors] (b_u's terms ⟨v_k, ∇J(p_u)_k⟩): δH₁'s plug-in
+    with a_e and b_u restricted to the tensor, or to the block's tensors."""
+    blocks: dict[str, list[int]] = {}
+    for k, key in enumerate(keys):
+        blocks.setdefault(block_of(key), []).append(k)
+    parameters = {key: plugin_standard_error(entropy_terms[:, k], update_terms[:, k], scale) for k, key in enumerate(keys)}
+    return parameters, {
+        block: plugin_standard_error(entropy_terms[:, ks].sum(1), update_terms[:, ks].sum(1), scale)
+        for block, ks in blocks.items()
+    }
 
 
 def save_vectors(

@@ -1,5 +1,8 @@
-"""Which samples drive δH₁: per-sample contributions add up to it, and a counterfactual token selection
-predicts the probe run whose update loss trains only on those tokens."""
+"""Which samples drive δH₁: per-sample contributions add up to it, a counterfactual token selection
+predicts the probe run whose update loss trains only on those tokens, and the terms of the counterfactuals' and the
+parameter shares' standard errors add up to the probe's own, by two routes."""
+
+import math
 
 import pytest
 import torch
@@ -7,9 +10,12 @@ from enumerable_world import PROMPTS
 from eos_world import save_eos_world
 from probe_helpers import head_adam_state, make_probe, prompt_batches
 
+from probe_lightning import probe as probe_module
 from probe_lightning.config import TrainerConfig
+from probe_lightning.contributions import ProbeContributions
 from probe_lightning.directional import directional_derivatives
 from probe_lightning.probe import Probe
+from probe_lightning.vectors import share_standard_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +49,54 @@ def test_token_and_entropy_prompt_contributions_add_up_to_delta_h1(eos_world, tm
     assert sum(responses) == pytest.approx(result.delta_h1, rel=1e-6)
     assert all(r["contribution"] is None for r in tables.responses if r["role"] == "E")  # E's are per prompt
     assert result.counterfactuals["all"]["delta_h1"] == pytest.approx(result.delta_h1, rel=1e-6)
+    everything = result.counterfactuals["all"]  # a linear geometry: the whole selection's SE is δH₁'s
+    assert everything["se"] == pytest.approx(result.delta_h1_se, rel=1e-6)
+    assert everything["se_parts"] == pytest.approx(result.delta_h1_se_parts, rel=1e-6)
+    assert sum(result.block_shares.values()) == pytest.approx(result.delta_h1, rel=1e-6)
+    assert result.block_shares_se.keys() == result.block_shares.keys()
+
+
+@pytest.mark.parametrize("update", ["identity", "adamw_step"])
+def test_the_counterfactuals_and_shares_standard_errors_come_from_terms_that_add_up_two_ways(
+    eos_world, tmp_path, monkeypatch, update
+):
+    """Each selection's E side a_e(S) = ⟨X(e), its step⟩ comes from the E pass (a backward over the selected U
+    tokens, then a dot product); its mean is the sum of the selected tokens' forward-mode contributions. Each tensor's
+    U side, from a backward per U prompt, adds up to b_u of the forward-mode pass; its E side to a_e."""
+    seen = {}
+    counterfactuals = ProbeContributions.counterfactuals
+
+    def recording(self, selections, update_ids, scale, entropy_terms):
+        seen["selection"] = (scale, entropy_terms)
+        return counterfactuals(self, selections, update_ids, scale, entropy_terms)
+
+    def shares(keys, entropy_terms, update_terms, scale):
+        seen["shares"] = (entropy_terms, update_terms)
+        return share_standard_errors(keys, entropy_terms, update_terms, scale)
+
+    monkeypatch.setattr(ProbeContributions, "counterfactuals", recording)
+    monkeypatch.setattr(probe_module, "share_standard_errors", shares)
+    state = str(head_adam_state(tmp_path / "optimizer.pt")) if update == "adamw_step" else None
+    out = run(eos_world, optimizer_state=state, update=update, learning_rate=0.1,
+              trainer=TrainerConfig(loss_type="dapo", max_grad_norm=0.5))  # fmt: skip
+    result = out.finished
+    scale, entropy_terms = seen["selection"]
+    assert set(entropy_terms) == {"all", "top_entropy_0.2", "top_entropy_0.5", "clip_cov", "kl_cov"}
+    for name, entry in result.counterfactuals.items():
+        if name in entropy_terms:
+            assert scale * entropy_terms[name].mean().item() == pytest.approx(entry["delta_h1"], rel=1e-6, abs=1e-12)
+            assert 0 < entry["se"] < math.inf and entry["tokens"] > 0
+    kept = result.counterfactuals["top_entropy_0.2"]
+    assert kept["removed_delta_h1"] + kept["delta_h1"] == pytest.approx(result.counterfactuals["all"]["delta_h1"])
+    per_tensor_e, per_tensor_u = seen["shares"]
+    B_E, B_U = result.B_E, result.B_U
+    assert per_tensor_u.shape == (B_U, len(result.parameter_shares))
+    by_prompt_u = per_tensor_u.sum(1) * scale / B_U
+    assert by_prompt_u.tolist() == pytest.approx(list(result.update_prompt_contributions.values()), rel=1e-6)
+    by_prompt_e = per_tensor_e.sum(1) * scale / B_E
+    assert by_prompt_e.tolist() == pytest.approx(list(result.entropy_prompt_contributions.values()), rel=1e-6)
+    assert per_tensor_e.sum(0).mul(scale / B_E).tolist() == pytest.approx(list(result.parameter_shares.values()))
+    assert all(0 < se < math.inf for se in result.block_shares_se.values())
 
 
 @pytest.mark.parametrize("entropy_target", ["token_mean", "budget"])

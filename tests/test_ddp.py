@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from probe_lightning.config import ProbeConfigError
 from probe_lightning.distributed import check_strategy
+from probe_lightning.results import token_selections
 
 ROOT = Path(__file__).parents[1]
 
@@ -57,6 +58,13 @@ def test_two_processes_give_the_one_process_answer(one_and_two):
     assert two["B_E"] == one["B_E"] == 4 and two["B_U"] == one["B_U"] == 4
     for got, expected in zip(two["eta_sweep"], one["eta_sweep"]):
         assert got["delta_h_true"] == pytest.approx(expected["delta_h_true"], rel=1e-6, abs=1e-12)
+    probe1, probe2 = one["probes"][0], two["probes"][0]  # the standard errors of the counterfactuals and shares
+    selections = token_selections(probe1["counterfactuals"])
+    assert len(selections) == 5
+    for name in selections:
+        for key in ("delta_h1", "se", "removed_se"):
+            assert probe2["counterfactuals"][name][key] == pytest.approx(probe1["counterfactuals"][name][key], rel=1e-6)
+    assert probe2["block_shares_se"] == pytest.approx(probe1["block_shares_se"], rel=1e-6)
 
 
 def test_two_processes_sample_the_same_sequences_and_contributions(one_and_two):
