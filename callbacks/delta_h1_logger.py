@@ -105,7 +105,8 @@ class DeltaH1Logger(pl.Callback):
     @rank_zero_only
     def _write_block_figure(self, result: ProbeResult) -> None:
         k = result.probe_index
-        figure = block_shares_figure(result.block_shares, f"probe {k}: where in the network δH₁ comes from")
+        title = f"probe {k}: where in the network δH₁ comes from"
+        figure = block_shares_figure(result.block_shares, title, result.block_shares_se)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(self.path.with_name(f"block_shares_probe{k}.png"))
         plt.close(figure)

@@ -1,5 +1,7 @@
 """Figures next to results.json (matplotlib, no display needed)."""
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -39,31 +41,54 @@ def eta_sweep_figure(rows: list[dict], title: str) -> plt.Figure:
     return figure
 
 
+# The error bars of the bar charts span ± this many standard errors: a bar whose error bar crosses 0 is not resolved
+# (estimators.RESOLVED_SES).
+ERROR_BAR_SES = 2.0
+
+
 def counterfactual_figure(counterfactuals: dict, title: str) -> plt.Figure:
-    """δH₁ of a step trained only on each token selection, one horizontal bar per selection in the dict's order."""
+    """δH₁ of a step trained only on each token selection, one horizontal bar per selection in the dict's order,
+    with ± 2 SE error bars where the entries have their SE."""
     names = list(counterfactuals)
     values = [counterfactuals[name]["delta_h1"] for name in names]
+    errors = [counterfactuals[name].get("se") for name in names]
     labels = [f"{name} ({_percent(counterfactuals[name]['fraction'])} of tokens)" for name in names]
-    figure, axes, bars = _signed_bars(labels, values, 0.45)
-    axes.bar_label(bars, labels=[f"{v:.3g}" for v in values], padding=3, fontsize=8)
-    axes.margins(x=0.2)  # room for the value labels at the bars' ends
-    return _finished(figure, axes, "δH₁ of a step trained only on these tokens (nats)", title)
+    figure, axes, bars = _signed_bars(labels, values, 0.45, errors=errors)
+    value_labels = [f"{v:.3g}" + (f" ± {se:.2g}" if _finite(se) else "") for v, se in zip(values, errors)]
+    axes.bar_label(bars, labels=value_labels, padding=3, fontsize=8)
+    axes.margins(x=0.25)  # room for the value labels at the bars' ends
+    return _finished(figure, axes, _with_bars("δH₁ of a step trained only on these tokens (nats)", errors), title)
 
 
-def block_shares_figure(shares: dict[str, float], title: str) -> plt.Figure:
-    """Each block's share of δH₁ (its tensors' ⟨X̄_k, Δθ_k⟩ summed), one horizontal bar per block, network order."""
-    figure, axes, _ = _signed_bars(list(shares), list(shares.values()), 0.28, fontsize=8)
-    return _finished(figure, axes, "share of δH₁: ⟨X̄, Δθ⟩ over the block's parameters (nats)", title)
+def block_shares_figure(shares: dict[str, float], title: str, errors: dict[str, float] | None = None) -> plt.Figure:
+    """Each block's share of δH₁ (its tensors' ⟨X̄_k, Δθ_k⟩ summed), one horizontal bar per block, network order;
+    errors: each block's SE, drawn as ± 2 SE."""
+    se = [(errors or {}).get(block) for block in shares]
+    figure, axes, _ = _signed_bars(list(shares), list(shares.values()), 0.28, fontsize=8, errors=se)
+    return _finished(figure, axes, _with_bars("share of δH₁: ⟨X̄, Δθ⟩ over the block's parameters (nats)", se), title)
 
 
-def _signed_bars(labels: list[str], values: list[float], height_per_bar: float, fontsize=None):
-    """One horizontal bar per value, red below 0 and blue above, the first on top; (figure, axes, bars)."""
+def _signed_bars(labels: list[str], values: list[float], height_per_bar: float, fontsize=None, errors=None):
+    """One horizontal bar per value, red below 0 and blue above, the first on top, with ± ERROR_BAR_SES · SE error
+    bars where errors has a finite SE; (figure, axes, bars)."""
     figure, axes = plt.subplots(figsize=(6.4, 1.4 + height_per_bar * len(values)), dpi=100)
-    bars = axes.barh(range(len(values)), values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    xerr = None
+    if errors is not None and any(_finite(se) for se in errors):
+        xerr = [ERROR_BAR_SES * se if _finite(se) else float("nan") for se in errors]
+    colors = ["tab:red" if v < 0 else "tab:blue" for v in values]
+    bars = axes.barh(range(len(values)), values, color=colors, xerr=xerr, capsize=3, ecolor="dimgray")
     axes.set_yticks(range(len(values)), labels, fontsize=fontsize)
     axes.invert_yaxis()
     axes.axvline(0.0, color="black", linewidth=0.8)
     return figure, axes, bars
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _with_bars(label: str, errors: list) -> str:
+    return label + (f"; bars ± {ERROR_BAR_SES:g} SE" if any(_finite(se) for se in errors) else "")
 
 
 def _finished(figure: plt.Figure, axes, xlabel: str, title: str) -> plt.Figure:

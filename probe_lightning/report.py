@@ -10,6 +10,7 @@ import html
 import math
 from pathlib import Path
 
+from probe_lightning.estimators import resolved
 from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, resolution, token_selections
 
 _STYLE = """
@@ -133,9 +134,10 @@ def _probe_section(probe: dict, folder: Path, scale: float, several: bool) -> st
     if probe.get("block_shares"):
         parts.append("<h3>Where in the network δH₁ comes from: each block's share ⟨X̄, Δθ⟩</h3>")
         parts.append(_image(blocks_png, f"probe {k}: δH₁ per block"))
-        rows = [[block, share, share / probe["delta_h1"] if probe["delta_h1"] else None]
+        errors = probe.get("block_shares_se") or {}
+        rows = [[block, share, errors.get(block), share / probe["delta_h1"] if probe["delta_h1"] else None]
                 for block, share in probe["block_shares"].items()]  # fmt: skip
-        parts.append(_table(["block", "share of δH₁", "fraction of δH₁"], rows))
+        parts.append(_table(["block", "share of δH₁", "SE", "fraction of δH₁"], rows))
     counterfactual_png = folder / f"counterfactuals_probe{k}.png"
     if probe.get("counterfactuals") or counterfactual_png.exists():
         parts.append("<h3>Counterfactual token selections: δH₁ of a step trained only on them</h3>")
@@ -188,14 +190,17 @@ def _sweep_tables(rows: list[dict], summary: dict | None) -> str:
 
 
 def _counterfactual_table(counterfactuals: dict) -> str:
-    """Each selection's δH₁, its share of the all-token δH₁, its tokens, and what the left-out tokens carry."""
+    """Each selection's δH₁ with its SE and whether its sign is resolved, its share of the all-token δH₁, its tokens,
+    and what the left-out tokens carry (with their SE)."""
     everything = counterfactuals.get("all", {}).get("delta_h1")
     rows = []
     for name, entry in counterfactuals.items():
         share = entry["delta_h1"] / everything if everything else None
-        removed = entry.get("removed_delta_h1")
-        rows.append([name, entry["delta_h1"], share, entry.get("tokens"), entry.get("fraction"), removed])
-    header = ["selection", "δH₁", "δH₁ / δH₁(all)", "tokens", "fraction of tokens", "δH₁ of the left-out tokens"]
+        sign = resolved(entry["delta_h1"], entry.get("se"))
+        rows.append([name, entry["delta_h1"], entry.get("se"), {True: "yes", False: "no"}.get(sign), share,
+                     entry.get("tokens"), entry.get("fraction"), entry.get("removed_delta_h1"), entry.get("removed_se")])
+    header = ["selection", "δH₁", "SE", "resolved", "δH₁ / δH₁(all)", "tokens", "fraction of tokens",
+              "δH₁ of the left-out tokens", "its SE"]  # fmt: skip
     return _table(header, rows)
 
 

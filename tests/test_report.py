@@ -5,7 +5,7 @@ from html.parser import HTMLParser
 import matplotlib.pyplot as plt
 import pytest
 
-from probe_lightning.plots import counterfactual_figure, eta_sweep_figure
+from probe_lightning.plots import block_shares_figure, counterfactual_figure, eta_sweep_figure
 from probe_lightning.report import write_report
 from probe_lightning.results import NO_MIXED_OUTCOMES, no_mixed_outcomes
 
@@ -54,11 +54,11 @@ SWEEP = [
     for eta in (1e-7, 1e-6, 1e-5)
 ]  # fmt: skip
 COUNTERFACTUALS = {
-    "all": {"delta_h1": -0.0123, "tokens": 4800, "fraction": 1.0, "removed_delta_h1": 0.0},
-    "top_entropy_0.2": {"delta_h1": -0.0151, "tokens": 960, "fraction": 0.2, "removed_delta_h1": 0.0028},
-    "top_entropy_0.5": {"delta_h1": -0.0137, "tokens": 2400, "fraction": 0.5, "removed_delta_h1": 0.0014},
-    "clip_cov": {"delta_h1": -0.0119, "tokens": 4799, "fraction": 0.9998, "removed_delta_h1": -0.0004},
-    "kl_cov": {"delta_h1": -0.0101, "tokens": 4799, "fraction": 0.9998, "removed_delta_h1": -0.0022},
+    "all": {"delta_h1": -0.0123, "tokens": 4800, "fraction": 1.0, "removed_delta_h1": 0.0, "se": 0.004},
+    "top_entropy_0.2": {"delta_h1": -0.0151, "tokens": 960, "fraction": 0.2, "removed_delta_h1": 0.0028, "se": 0.009},
+    "top_entropy_0.5": {"delta_h1": -0.0137, "tokens": 2400, "fraction": 0.5, "removed_delta_h1": 0.0014, "se": 0.006},
+    "clip_cov": {"delta_h1": -0.0119, "tokens": 4799, "fraction": 0.9998, "removed_delta_h1": -0.0004, "se": 0.004},
+    "kl_cov": {"delta_h1": -0.0101, "tokens": 4799, "fraction": 0.9998, "removed_delta_h1": -0.0022, "se": None},
 }
 UPDATE_TOKENS = [
     token(0, "The", -0.105, 0.412, -0.0008),
@@ -190,7 +190,34 @@ def test_counterfactual_figure_labels_each_selection_with_its_fraction_of_tokens
         "clip_cov (99.98% of tokens)", "kl_cov (99.98% of tokens)",
     ]  # fmt: skip
     assert widths == [-0.0123, -0.0151, -0.0137, -0.0119, -0.0101]
-    assert axes.get_xlabel() == "δH₁ of a step trained only on these tokens (nats)"
+    assert axes.get_xlabel() == "δH₁ of a step trained only on these tokens (nats); bars ± 2 SE"
+
+
+def test_the_bar_charts_draw_two_standard_errors_either_side_of_each_bar_that_has_one():
+    figure = counterfactual_figure(COUNTERFACTUALS, "probe 0")
+    bars = figure.axes[0].containers[-1]  # the bars (with their error bars: .errorbar)
+    spans = [segment[:, 0] if len(segment) else () for segment in bars.errorbar.lines[2][0].get_segments()]
+    texts = [text.get_text() for text in figure.axes[0].texts]
+    plt.close(figure)
+    half_widths = [(high - low) / 2 for low, high in spans[:4]]
+    assert half_widths == pytest.approx([0.008, 0.018, 0.012, 0.008]) and len(spans[4]) == 0  # kl_cov: no bar
+    assert texts[0] == "-0.0123 ± 0.004" and texts[-1] == "-0.0101"  # kl_cov has no SE
+    shares = {"embeddings": 1e-6, "layer 0": -3e-6}
+    figure = block_shares_figure(shares, "probe 0", {"embeddings": 2e-6, "layer 0": 1e-6})
+    bars = figure.axes[0].containers[-1]  # the bars (with their error bars: .errorbar)
+    spans = [segment[:, 0] for segment in bars.errorbar.lines[2][0].get_segments()]
+    plt.close(figure)
+    assert [(high - low) / 2 for low, high in spans] == pytest.approx([4e-6, 2e-6])
+    figure = block_shares_figure(shares, "probe 0")  # no SE: plain bars
+    assert figure.axes[0].containers[0].errorbar is None and "SE" not in figure.axes[0].get_xlabel()
+    plt.close(figure)
+
+
+def test_the_counterfactual_table_gives_each_selection_its_se_and_whether_it_is_resolved(tmp_path):
+    text = "".join(report_with_entropy_coef(tmp_path, ENTROPY_COEF).text)
+    assert "selectionδH₁SEresolvedδH₁ / δH₁(all)" in text
+    assert "all-0.01230.004yes1" in text and "top_entropy_0.2-0.01510.009no" in text
+    assert "kl_cov-0.0101——" in text  # no SE: nothing said about resolution
 
 
 ENTROPY_COEF = {
