@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from probe_lightning.accumulator import NamedParams
 from probe_lightning.rollout import Rollout
-from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
+from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor, TeacherForcing
 
 
 @contextmanager
@@ -40,19 +40,35 @@ def directional_derivatives(
 ) -> list[tuple[Rollout, torch.Tensor]]:
     """Per microbatch of each rollout: (the microbatch, the derivative of outputs(microbatch, its teacher
     forcing) along direction, float64)."""
-    names = [n for n, _ in named_params]
-    primals = tuple(p.detach() for _, p in named_params)
-    tangents = tuple(d.to(p.dtype) for d, p in zip(direction, primals, strict=True))  # one copy, not per rollout
+    along = _along(processor, named_params, direction)
     results = []
     with forward_mode_attention(processor.model):
         for rollout in rollouts:
             for rows in processor.microbatches(rollout.batch.num_prompts, rollout.batch.num_responses_per_prompt):
                 micro = rollout.select(rows)
-
-                def output(*params, micro=micro):
-                    tf = processor.teacher_force_logprobs(micro.batch, parameters=dict(zip(names, params)))
-                    return outputs(micro, tf)
-
-                _, derivative = torch.func.jvp(output, primals, tangents)
-                results.append((micro, derivative.double()))
+                results.append((micro, along(micro.batch, lambda tf, micro=micro: outputs(micro, tf))))
     return results
+
+
+def token_derivatives(
+    processor: SequenceProcessor, named_params: NamedParams, batches: list[BatchedSequences], direction: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Per batch: the derivative of its response tokens' (log q, H_t) along direction, [2, B, G, R] float64."""
+    along = _along(processor, named_params, direction)
+    with forward_mode_attention(processor.model):
+        return [along(batch, lambda tf: torch.stack([tf.token_logprobs, tf.token_entropies])) for batch in batches]
+
+
+def _along(processor: SequenceProcessor, named_params: NamedParams, direction: list[torch.Tensor]) -> Callable:
+    """(batch, outputs of its teacher forcing) -> their derivative along direction: one jvp (float64)."""
+    names = [n for n, _ in named_params]
+    primals = tuple(p.detach() for _, p in named_params)
+    tangents = tuple(d.to(p.dtype) for d, p in zip(direction, primals, strict=True))  # one copy, not per batch
+
+    def along(batch: BatchedSequences, outputs: Callable[[TeacherForcing], torch.Tensor]) -> torch.Tensor:
+        def output(*params):
+            return outputs(processor.teacher_force_logprobs(batch, parameters=dict(zip(names, params))))
+
+        return torch.func.jvp(output, primals, tangents)[1].double()
+
+    return along

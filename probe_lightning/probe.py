@@ -18,7 +18,7 @@ from probe_lightning.accumulator import NamedParams, ProbeSums
 from probe_lightning.config import require
 from probe_lightning.contributions import ProbeContributions, select_tokens
 from probe_lightning.data import PromptBatch
-from probe_lightning.directional import directional_derivatives
+from probe_lightning.directional import directional_derivatives, token_derivatives
 from probe_lightning.distributed import Collectives
 from probe_lightning.entropy_coef import CoefficientStep, entropy_coef_for_zero, entropy_directions
 from probe_lightning.next_checkpoint import NextCheckpoint, step_agreement
@@ -26,7 +26,7 @@ from probe_lightning.progress import phase_bar
 from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults, timed_into
 from probe_lightning.rollout import Rollout, RolloutMaker
 from probe_lightning.sequential import SequentialSampling
-from probe_lightning.sequence_processor import SequenceProcessor, TeacherForcing
+from probe_lightning.sequence_processor import BatchedSequences, SequenceProcessor, TeacherForcing
 from probe_lightning.settings import ProbeSettings
 from probe_lightning.trainer_loss import STD_EPS, TOKEN_COUNT_LOSSES, check_router_loss, clip_factor, nanstd
 from probe_lightning.true_change import covariance_proxy, eta_sweep, score, true_change
@@ -501,6 +501,9 @@ class Probe:
                 self._share_standard_errors(result, direction)
             with self.results.timed("standard_error"), self._charged("U"):
                 contributions = self._contributions(result, direction, step)
+            if self.settings.top_contributions_se:
+                with self.results.timed("top_se"), self._charged("E"):
+                    self._top_standard_errors(result)
             # Wall seconds per prompt: each process's time over all processes' prompts (they run side by side).
             sizes = {"E": B_E, "U": B_U}
             result.seconds_per_prompt = {role: self.role_seconds.get(role, 0.0) / B for role, B in sizes.items()}
@@ -538,6 +541,65 @@ class Probe:
         result.parameter_shares_se, result.block_shares_se = share_standard_errors(
             self.weight_keys, entropy_terms, update_terms, self.geometry.scale
         )
+
+    def _top_standard_errors(self, result: ProbeResult) -> None:
+        """The SE of each top response's and top token's contribution (docs/math.md §9). Given the U sample an item's
+        contribution d varies with X̄ only: d is the mean over E prompts of d(e), d with X(e) in place of X̄, so its SE
+        is sd(d(e)) / sqrt(B_E). One more E pass gives each X(e) (a backward per E prompt into a scratch sum); one
+        forward-mode pass over the top items' responses along (∂Ȳ/∂∇J)ᵀ X(e) gives their tokens' d(e)."""
+        vectors, params = self.vectors, [p for _, p in self.named_params]
+        items = [(r["key"], None) for r in result.top_responses] + [(t["key"], t["position"]) for t in result.top_tokens]
+        if not items:
+            return
+        device = params[0].device
+        shares = self.collectives.gather(self._responses_of({key for key, _ in items}))
+        keys = [key for share in shares for key in share[0]]
+        batches = [batch.to(device) for share in shares for batch in share[1]]
+        coefficients = [c.to(device) for share in shares for c in share[2]]
+        scale = self.geometry.scale * vectors.update_scale / result.B_U
+        step_derivative = self.geometry.step_derivative(vectors.grad_j, params)
+        weights = torch.tensor(self.x_weights)
+
+        def per_entropy_prompt() -> list[list[float]]:
+            scratch, values = [torch.zeros_like(s) for s in self.sums.sum_x], []
+            prompts = [rollout.select(slice(b, b + 1)) for rollout in self.held for b in range(rollout.batch.num_prompts)]
+            for micro in phase_bar("top contributions' SE", "prompt", iterable=prompts):
+                tf = self.processor.teacher_force_logprobs(micro.batch, with_grad=True)
+                for s in scratch:
+                    s.zero_()
+                with torch.enable_grad():
+                    self.sums.add_gradient(scratch, self.entropy_terms(micro, tf).mean(1).sum(0) @ weights.to(tf.token_logprobs))
+                derivatives = token_derivatives(self.processor, self.named_params, batches, step_derivative(scratch))
+                # d(e) per token of each response: its coefficients times the derivatives of log q and H_t
+                tokens = torch.cat([(c * d).sum(0).flatten(0, 1) for c, d in zip(coefficients, derivatives)]) * scale
+                by_key = dict(zip(keys, tokens))
+                values.append([(by_key[k].sum() if t is None else by_key[k][t]).item() for k, t in items])
+            return values
+
+        values = self._unless_failed(per_entropy_prompt)
+        self.collectives.raise_any(self.failure)
+        values = torch.tensor([v for share in self.collectives.gather(values) for v in share], dtype=torch.float64)
+        se = values.std(0) / math.sqrt(len(values)) if len(values) > 1 else torch.full((len(items),), math.nan)
+        for row, item_se in zip(result.top_responses + result.top_tokens, se.tolist()):
+            row["se"] = item_se
+
+    def _responses_of(self, keys: set[str]) -> tuple[list[str], list[BatchedSequences], list[torch.Tensor]]:
+        """This process's U responses named by keys, per microbatch: their keys, the responses as a batch (on the
+        CPU, to be gathered) and their coefficients [2, n, 1, R] (of log q, of H_t: 0 without an entropy bonus)."""
+        names, batches, coefficients = [], [], []
+        for micro, scored in self._update_scored():
+            pairs = [(b, g) for b, prompt_id in enumerate(micro.prompt_ids)
+                     for g in range(micro.batch.num_responses_per_prompt)
+                     if f"{micro.prompts.probe_index}/U/{prompt_id}/{g}" in keys]  # fmt: skip
+            if not pairs:
+                continue
+            c, c_h = self.update_batch.coefficients(micro, scored.token_logprobs)
+            c_h = torch.zeros_like(c) if c_h is None or self.trainer.loss_type == "seed" else c_h
+            b, g = (torch.tensor(index) for index in zip(*pairs))
+            names.extend(f"{micro.prompts.probe_index}/U/{micro.prompt_ids[i]}/{j}" for i, j in pairs)
+            batches.append(micro.batch.responses(pairs).to("cpu"))
+            coefficients.append(torch.stack([c[b, g], c_h[b, g]])[:, :, None].double().cpu())
+        return names, batches, coefficients
 
     def _contributions(
         self, result: ProbeResult, direction: list[torch.Tensor], step: CoefficientStep | None

@@ -244,6 +244,7 @@ def _response(response: dict, scale: float) -> str:
         f"response {response.get('response')} · reward {_number(response.get('reward'))} · "
         f"advantage {_number(response.get('advantage'))} · {response.get('length')} tokens · "
         f"contribution {_number(response.get('contribution'))}"
+        + (f" ± {_number(response['se'])} (SE)" if response.get("se") is not None else "")
     )
     parts = ['<div class="response">', f'<div class="meta">{html.escape(meta)}</div>']
     if response.get("question"):
@@ -264,12 +265,12 @@ def _response(response: dict, scale: float) -> str:
 
 
 def _top_tokens_table(tokens: list[dict], scale: float) -> str:
-    header = ["prompt", "response", "position", "token", "token id", "log q", "H_t", "advantage", "contribution"]
+    header = ["prompt", "response", "position", "token", "token id", "log q", "H_t", "advantage", "contribution", "SE"]
     rows = "".join(
         "<tr>"
         + "".join(_cell(t.get(key)) for key in ("prompt_id", "response", "position"))
         + f'<td class="tokens">{_token_span(t, scale)}</td>'
-        + "".join(_cell(t.get(key)) for key in ("token_id", "log_q", "entropy", "advantage", "contribution"))
+        + "".join(_cell(t.get(key)) for key in ("token_id", "log_q", "entropy", "advantage", "contribution", "se"))
         + "</tr>"
         for t in tokens
     )

@@ -11,7 +11,7 @@ data.rescore).
 """
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -152,12 +152,7 @@ class RolloutMaker:
 
     def _on_device(self, batch: BatchedSequences) -> BatchedSequences:
         """Replayed responses (read on the CPU) where the model is."""
-        device = self.processor.device
-        scores = {name: getattr(batch, name) for name in ("token_logprobs", "token_entropies")}
-        return replace(
-            batch, sequences=batch.sequences.to(device), attention_masks=batch.attention_masks.to(device),
-            **{name: None if value is None else value.to(device) for name, value in scores.items()},
-        )  # fmt: skip
+        return batch.to(self.processor.device)
 
     def _generate(self, prompts: PromptBatch) -> BatchedSequences:
         G = self.num_samples(prompts.role)

@@ -76,6 +76,27 @@ class BatchedSequences:
             token_entropies=None if self.token_entropies is None else self.token_entropies[prompts],
         )
 
+    def responses(self, pairs: list[tuple[int, int]]) -> "BatchedSequences":
+        """The sub-batch of the given (prompt, response) pairs, each as a prompt of one response (scores unrecorded)."""
+        b, g = (torch.tensor(index, device=self.sequences.device) for index in zip(*pairs))
+        return replace(
+            self,
+            sequences=self.sequences[b, g][:, None],
+            attention_masks=self.attention_masks[b, g][:, None],
+            prompt_lens=[self.prompt_len] * len(pairs),
+            gen_lens=[[self.gen_lens[i][j]] for i, j in pairs],
+            responses_text=[[self.responses_text[i][j]] for i, j in pairs],
+            token_logprobs=None,
+            token_entropies=None,
+        )
+
+    def to(self, device: torch.device | str) -> "BatchedSequences":
+        scores = {name: getattr(self, name) for name in ("token_logprobs", "token_entropies")}
+        return replace(
+            self, sequences=self.sequences.to(device), attention_masks=self.attention_masks.to(device),
+            **{name: None if value is None else value.to(device) for name, value in scores.items()},
+        )  # fmt: skip
+
     def left_padded(self, extra: int) -> "BatchedSequences":
         """The same sequences with `extra` more padding columns before every prompt: an equally valid
         float32 evaluation of the same numbers (how far apart the two are is the forward's resolution)."""

@@ -99,6 +99,33 @@ def test_the_counterfactuals_and_shares_standard_errors_come_from_terms_that_add
     assert all(0 < se < math.inf for se in result.block_shares_se.values())
 
 
+def test_a_top_contributions_se_is_its_spread_over_the_entropy_prompts_taken_one_at_a_time(eos_world):
+    """Given the U sample, a token's contribution is the mean over E prompts of the contribution a probe with that
+    E prompt alone gives it (the budget target: X(p) does not depend on the other E prompts); its SE is their
+    spread / sqrt(B_E). Probes of one E prompt each give both, independently of the probe's own pass."""
+    settings = dict(G=3, G_E=3, entropy_target="budget", estimator="rb", dtype=torch.float64,
+                    trainer=TrainerConfig(loss_type="dapo", max_grad_norm=0.5))  # fmt: skip
+    batches = prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=3, seed=13)
+    entropy, update = [b for b in batches if b.role == "E"], [b for b in batches if b.role == "U"]
+    probe = make_probe(eos_world, **settings)
+    result = [probe.step(batch) for batch in batches][-1].finished
+    alone = []
+    for batch in entropy:
+        for i in range(len(batch.prompt_ids)):
+            one = batch.select(slice(i, i + 1))
+            probe = make_probe(eos_world, **settings)
+            tables = [probe.step(b) for b in [one, *update]][-1].contributions
+            alone.append({(t["key"], t["position"]): t["contribution"] for t in tables.tokens if t["role"] == "U"})
+    assert len(alone) == result.B_E == len(PROMPTS) * 2 and len(result.top_tokens) == 10
+    for token in result.top_tokens:
+        values = torch.tensor([a[(token["key"], token["position"])] for a in alone], dtype=torch.float64)
+        assert values.mean().item() == pytest.approx(token["contribution"], rel=1e-6)
+        assert token["se"] == pytest.approx((values.std() / math.sqrt(len(values))).item(), rel=1e-6)
+    for response in result.top_responses:
+        values = torch.tensor([sum(v for (key, _), v in a.items() if key == response["key"]) for a in alone])
+        assert response["se"] == pytest.approx((values.std() / math.sqrt(len(values))).item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("entropy_target", ["token_mean", "budget"])
 def test_each_entropy_prompt_share_is_the_forward_mode_derivative_of_its_loss_along_y_bar(eos_world, entropy_target):
     """a_e comes from the E pass's own gradient (a dot product with Ȳ); forward-mode AD of each prompt's

@@ -65,6 +65,8 @@ def test_two_processes_give_the_one_process_answer(one_and_two):
         for key in ("delta_h1", "se", "removed_se"):
             assert probe2["counterfactuals"][name][key] == pytest.approx(probe1["counterfactuals"][name][key], rel=1e-6)
     assert probe2["block_shares_se"] == pytest.approx(probe1["block_shares_se"], rel=1e-6)
+    for top in ("top_tokens", "top_responses"):
+        assert [t["se"] for t in probe2[top]] == pytest.approx([t["se"] for t in probe1[top]], rel=1e-6)
 
 
 def test_two_processes_sample_the_same_sequences_and_contributions(one_and_two):

@@ -81,12 +81,12 @@ RESULTS = {
         "top_responses": [
             {"role": "U", "prompt_id": 7, "response": 2, "question": "What is 6 × 7? <script>alert(1)</script>",
              "response_text": "The answer<b>\n 42", "reward": 1.0, "advantage": 0.87, "length": 5,
-             "contribution": -0.0022, "tokens": UPDATE_TOKENS},
+             "contribution": -0.0022, "se": 0.0007, "tokens": UPDATE_TOKENS},
             {"role": "E", "prompt_id": 3, "response": 0, "question": "What is 2 + 2?", "response_text": " 4",
              "reward": 1.0, "advantage": 0.0, "length": 1, "contribution": 0.0004,
              "tokens": [token(0, " 4", -0.02, 0.09, None)]},
         ],
-        "top_tokens": [{**t, "prompt_id": 7, "response": 2, "advantage": 0.87} for t in UPDATE_TOKENS[:3]],
+        "top_tokens": [{**t, "prompt_id": 7, "response": 2, "advantage": 0.87, "se": 0.0003} for t in UPDATE_TOKENS[:3]],
     }],
 }  # fmt: skip
 
@@ -229,6 +229,12 @@ ENTROPY_COEF = {
 def report_with_entropy_coef(tmp_path, entry: dict) -> Page:
     probe = {**RESULTS["probes"][0], "counterfactuals": {**COUNTERFACTUALS, "entropy_coef_for_zero": entry}}
     return Page(write_report({**RESULTS, "probes": [probe]}, tmp_path).read_text(encoding="utf-8"))
+
+
+def test_top_responses_and_tokens_show_their_contributions_se(page):
+    text = "".join(page.text)
+    assert "contribution -0.0022 ± 0.0007 (SE)" in text and "contribution 0.0004" in text  # the E response: none
+    assert "advantagecontributionSE" in text and "0.87-0.0020.0003" in text  # the top tokens' table
 
 
 def test_the_entropy_coef_that_holds_the_entropy_is_tabled_beside_the_token_selections(tmp_path):
