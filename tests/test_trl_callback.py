@@ -7,11 +7,18 @@
   (callback.prompt_batch("E", N): the same prompt rows and response seeds);
 - an optimizer that is not Adam/AdamW, a trainer that is not GRPO-style, a sharded strategy, or an error while
   probing: one warning, and training completes (untouched);
-- the seeded sampler leaves torch's global RNG alone; a LoRA run is probed through its adapter parameters.
+- the seeded sampler leaves torch's global RNG alone; a LoRA run is probed through its adapter parameters;
+- two DDP processes (CPU, gloo, tests/trl_ddp_worker.py) log the one-process numbers, given the same θ, Δθ and
+  trainer batch (item 5).
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import datasets
 import pandas as pd
@@ -20,6 +27,7 @@ import torch
 import trl
 from tiny_models import tiny_llama
 from transformers import AutoModelForCausalLM, TrainerCallback
+from trl_ddp_worker import grpo_trainer, probe_callback, probe_logs
 from trl_runs import G, LEARNING_RATE, MAX_COMPLETION_LENGTH, PROMPTS, WEIGHT_DECAY, completion_length_reward
 
 from probe_lightning.build import build_probe
@@ -35,6 +43,7 @@ from probe_lightning.sequence_processor import SequenceProcessor
 from probe_lightning.settings import ProbeSettings
 from probe_lightning.trainer_batch import TrainerBatch, save_trainer_batch
 
+ROOT = Path(__file__).parents[1]
 STEPS = 3
 PROBED = 2  # the probe before step PROBED + 1, replayed offline on checkpoint-PROBED
 B_E, G_E, B_V = 3, 3, 3
@@ -254,3 +263,76 @@ def test_a_lora_run_is_probed_through_its_adapter_parameters(base_folder, tokeni
     trainer, _ = train(base_folder, tokenizer, tmp_path, [probe], steps=2, peft_config=LORA)
     assert probe.disabled is None and [row["step"] for row in probe.rows] == [0, 1]
     assert all(math.isfinite(row["delta_h1"]) and row["delta_h1"] != 0 for row in probe.rows)
+
+
+class InjectGradient(TrainerCallback):
+    """Before the probe, at on_pre_optimizer_step: p.grad := the given gradient (by parameter name), in place."""
+
+    def __init__(self, gradient: dict[str, torch.Tensor]):
+        self.gradient = gradient
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.grad.copy_(self.gradient[name])
+
+
+def test_two_ddp_processes_log_the_one_process_numbers(base_folder, tmp_path):
+    """Two processes (torchrun, accelerate's MULTI_CPU gloo group, DDP) of a one-step GRPOTrainer run with the
+    callback log, on each rank, the entropy_probe/* numbers of a one-process run with the same θ, Δθ and trainer
+    batch, to 1e-6.
+
+    The trainer's own step cannot be the same with 1 and 2 processes even with the same global batch (12 rows,
+    6 per rank): GRPOTrainer seeds each process differently (set_seed(seed, device_specific=True), so that ranks
+    do not duplicate completions) and samples its completions from torch's global RNG, batch-shaped. So the
+    one-process reference is the same run (same model θ = the base model at step 0, same prompts, optimizer,
+    learning-rate schedule and probe seed) in which, before the probe's on_pre_optimizer_step, p.grad is set to
+    the DDP run's gradient (all-reduced by DDP, clipped by HF: the same on both ranks), so the probe's Δθ and
+    the optimizer's step are the DDP run's; and the trainer tokens of the covariance proxy are the two ranks'
+    generation batches (each teacher-forced by the callback's own _trainer_tokens), in rank order, as the core
+    gathers them. What differs is then only what DDP changes in the probe: each rank samples and scores its
+    share of the E and V prompts (3 over 2 ranks: rows 0 and 2, and 1), the counts and ΣX are all-reduced, a_e,
+    the true change's terms and the trainer tokens gathered; and the gradient it reads is DDP's.
+
+    The prompts have one token length (trl_ddp_worker.PROMPTS), so they are padded alike with 1 and 2 processes,
+    and the model is float64: what is left of the difference is float rounding that depends on how the E prompts
+    are split and padded (a rank's responses are padded to the longest of its share), ~1.5e-7 of δH₁ and its SE
+    here, 0 in the true change; with float32 it was 6e-7, too close to the 1e-6 asked.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "tests/trl_ddp_worker.py", str(base_folder), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "EntropyProbeCallback" not in done.stderr  # no warning: nothing refused, nothing failed
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    recorded = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    gradient = recorded[0]["gradient"]
+    assert gradient.keys() == recorded[1]["gradient"].keys() and gradient
+    assert all(torch.equal(g, recorded[1]["gradient"][name]) for name, g in gradient.items())  # Δθ is the same
+    assert all(rank["world_size"] == 2 and rank["disabled"] is None for rank in ranks)
+    assert ranks[0]["logged"] == ranks[1]["logged"]  # every rank logs the same numbers
+
+    probe = probe_callback()
+
+    def both_ranks_tokens(model):  # what the core gathers from the two ranks
+        shares = []
+        for rank in recorded:
+            probe._trainer_batch = rank["trainer_batch"]
+            shares.append(EntropyProbeCallback._trainer_tokens(probe, model))
+        return torch.cat([s[0] for s in shares]), torch.cat([s[1] for s in shares])
+
+    probe._trainer_tokens = both_ranks_tokens
+    one = grpo_trainer(base_folder, tmp_path / "one", 1, [InjectGradient(gradient), probe])
+    one.train()
+    assert one.accelerator.num_processes == 1 and probe.disabled is None
+    (logged_one,), (logged_two,) = probe_logs(one), ranks[0]["logged"]
+    assert logged_one.keys() == logged_two.keys() == {"step"} | {f"entropy_probe/{key}" for key in KEYS}
+    assert logged_one["step"] == logged_two["step"] == 1
+    (row_one,), (row_two,) = probe.rows, ranks[0]["rows"]
+    assert (row_one["world_size"], row_two["world_size"]) == (1, 2) and row_one["B_E"] == row_two["B_E"]
+    assert row_one["e_prompt_rows"] == row_two["e_prompt_rows"]
+    assert row_two["step_norm"] == pytest.approx(row_one["step_norm"], rel=1e-12)  # the same Δθ
+    for key in KEYS:
+        assert math.isfinite(logged_one[f"entropy_probe/{key}"]) and logged_one[f"entropy_probe/{key}"] != 0, key
+        assert logged_two[f"entropy_probe/{key}"] == pytest.approx(logged_one[f"entropy_probe/{key}"], rel=1e-6), key
