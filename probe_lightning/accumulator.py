@@ -57,8 +57,9 @@ class ProbeSums:
 
         As in a plain loss.backward() into existing .grad, the whole gradient never exists at once
         (torch.autograd.grad would return all of it together: one more model-sized buffer at the peak);
-        the output layer's weight gradient (head_token_scores) is added into its sum chunk by chunk and
-        never exists whole. The parameters' own .grad are left as they were.
+        the output layer's weight gradient (head_token_scores) is added chunk by chunk into one scratch of
+        the weight's size, not into a vocabulary-sized logits gradient. The parameters' own .grad are left as
+        they were.
         """
         saved_grads = [p.grad for p in self.params]
         along = torch.zeros(len(directions), len(self.params), dtype=torch.float64)
@@ -140,19 +141,21 @@ class ProbeSums:
 
 
 class _IntoSum:
-    """Where the output layer's backward adds its weight's gradient: the sum itself (a zero scratch when nothing
-    is kept). With directions, the dot product that gradient adds along each is the sum's dot product after the
-    additions less before (into along, this parameter's column)."""
+    """Where the output layer's backward adds its weight's gradient, chunk by chunk: a zero scratch of the weight's
+    size, which leaves gives its dot product with each direction (into along, this parameter's column) and is added
+    into the sum (if one is kept). Dotting the gradient itself, not the sum's change, keeps a prompt's a_e
+    independent of what the float32 sum held before it."""
 
     def __init__(self, param: torch.Tensor, total: torch.Tensor | None, toward: list[torch.Tensor], along: torch.Tensor):
         self.param, self.total, self.toward, self.along = param, total, toward, along
 
     def __enter__(self) -> torch.Tensor:
-        if self.total is None:
-            self.total = torch.zeros_like(self.param, dtype=torch.promote_types(self.param.dtype, torch.float32))
-        self.before = [dot64(self.total, d) for d in self.toward]
-        return self.total
+        self.scratch = torch.zeros_like(self.param, dtype=torch.promote_types(self.param.dtype, torch.float32))
+        return self.scratch
 
     def __exit__(self, *exc) -> None:
-        for i, (d, before) in enumerate(zip(self.toward, self.before)):
-            self.along[i] += dot64(self.total, d) - before
+        for i, d in enumerate(self.toward):
+            self.along[i] += dot64(self.scratch, d)
+        if self.total is not None:
+            self.total.add_(self.scratch)
+        self.scratch = None
