@@ -93,7 +93,7 @@ class ProbeContributions:
         a_e(S) = ⟨X(e), the selection's step⟩ (entropy_terms[name], from the E pass) and each U prompt's share
         of the kept tokens (update_ids: every U prompt, those without tokens too); likewise for the removed ones."""
         update = [t for t in self.tokens if t["role"] == "U"]
-        if not update:
+        if not update or not selections:
             return {}
         d = torch.tensor([t["contribution"] for t in update], dtype=torch.float64)
         responses = [_response(t["key"]) for t in update]

@@ -49,7 +49,8 @@ class EntropyProbe(pl.LightningModule):
         next_checkpoint: str | None = None,
         entropy_coef_for_zero: bool = True,
         reference: str | None = None,
-        top_contributions_se: bool = True,
+        breakdown_se: bool = True,
+        top_contributions_se: bool = False,
     ):
         """
         Args:
@@ -75,9 +76,7 @@ class EntropyProbe(pl.LightningModule):
                 top_entropy_quantile, ...: config.TrainerConfig), as TRL names them; None: the checkpoint's
                 training_args.bin, else TRL's default.
             standard_error: also compute δH₁'s plug-in standard error and the per-update-prompt
-                contributions (one extra forward-mode pass over the probe's sequences), and the SEs of the
-                counterfactual selections (one more teacher forcing of the U batch, a backward per selection) and of
-                the parameter and block shares (one more backward per U prompt).
+                contributions (one extra forward-mode pass over the probe's sequences).
             eta_sweep: learning rates at which to measure the true entropy change of the real step on a
                 fresh evaluation batch (data.B_V prompts), beside δH₁(η) and the covariance proxy. Empty: off.
             save_vectors: write vectors_probe{k}.safetensors beside results.json: x_bar/NAME (X̄), grad_loss/NAME
@@ -88,9 +87,13 @@ class EntropyProbe(pl.LightningModule):
             entropy_coef_for_zero: with standard_error, also find the entropy_coef c* whose step leaves the entropy
                 unchanged (a counterfactual, with its SE); costs one more backward over the U batch and one more
                 model-sized sum (~+20% of a probe on small models).
-            top_contributions_se: with standard_error, also the SE of each top response's and top token's
+            breakdown_se: with standard_error, also the SEs of δH₁'s breakdown: each counterfactual selection (one
+                more teacher forcing of the U batch, a backward per selection) and each parameter tensor's and block's
+                share (one more backward per U prompt); about +60% on a probe of the default model. With
+                data.target_rse they are taken once, at the final sizes.
+            top_contributions_se: with breakdown_se, also the SE of each top response's and top token's
                 contribution: one more backward per E prompt and a forward-mode pass over the top responses per E
-                prompt (docs/math.md §9).
+                prompt (docs/math.md §9; about +85% of a probe of the default model).
             reference: with trainer beta != 0, the KL term's reference model (a local folder or cached HF id): the
                 model full fine-tuning started from. None: TRL's own (a LoRA checkpoint's base with the adapter
                 disabled; a full checkpoint's config.json _name_or_path if it is a local folder; model.model for
@@ -100,7 +103,7 @@ class EntropyProbe(pl.LightningModule):
         self.settings = ProbeSettings(
             model, checkpoint, optimizer_state, update, learning_rate, G, G_E, entropy_target, estimator, trainer,
             sampling, generation, standard_error, eta_sweep, save_vectors, next_checkpoint, reference,
-            entropy_coef_for_zero, top_contributions_se,
+            entropy_coef_for_zero, breakdown_se, top_contributions_se,
         )  # fmt: skip
         self.save_hyperparameters()
         self.policy = None

@@ -300,8 +300,11 @@ class Probe:
         """∇J̄ and Ȳ from ΣY; the held E batch into ΣX; X̄, δH₁ = scale · ⟨X̄, Ȳ⟩ (float64); the
         standard error, contributions, covariance proxy and η sweep as asked. With sequential sampling, more E
         and U prompts until the SE reaches its target (sequential.py), before the next checkpoint and η sweep."""
-        result, params, step, directions = self._estimate(probe_index)
-        contributions = self._standard_error(result, params, step)
+        # The SEs of the counterfactuals, the shares and the top contributions (extras, model.breakdown_se) only at the
+        # final sizes: with sequential sampling the stages go without them and the last is estimated once more with them.
+        extras = self.sequential is None and self.settings.breakdown_se
+        result, params, step, directions = self._estimate(probe_index, extras)
+        contributions = self._standard_error(result, params, step, extras)
         while self.sequential is not None and (more := self.sequential.more(result)) is not None:
             batches = self.more_prompts(probe_index, more["E"], more["U"])
             if not batches:
@@ -310,9 +313,12 @@ class Probe:
             for batch in batches:
                 with self._charged(batch.role):
                     self._work(batch)
-            result, params, step, directions = self._estimate(probe_index)
-            contributions = self._standard_error(result, params, step)
+            result, params, step, directions = self._estimate(probe_index, extras)
+            contributions = self._standard_error(result, params, step, extras)
         if self.sequential is not None:
+            if self.settings.standard_error and self.settings.breakdown_se:
+                result, params, step, directions = self._estimate(probe_index, extras=True)
+                contributions = self._standard_error(result, params, step, extras=True)
             result.sequential = self.sequential.record()
         if self.next_checkpoint is not None:
             with self.results.timed("next_checkpoint"):
@@ -331,10 +337,13 @@ class Probe:
         self.contributions = contributions
         return result
 
-    def _estimate(self, probe_index: int) -> tuple[ProbeResult, list[torch.Tensor], CoefficientStep | None, dict]:
+    def _estimate(
+        self, probe_index: int, extras: bool = True
+    ) -> tuple[ProbeResult, list[torch.Tensor], CoefficientStep | None, dict]:
         """δH₁ from the sums so far: ∇J̄, Ȳ, the E pass (along the directions it returns), X̄. With sequential
         sampling it can run again after more prompts: the sums are read, not divided in place, and the E pass
-        starts again over every E prompt (its weights and Ȳ have changed)."""
+        starts again over every E prompt (its weights and Ȳ have changed). extras: with the standard error, the
+        counterfactual selections' steps too (their SEs' E side)."""
         with self._charged("U"):
             self._held_update_pass()
         sums = self.sums
@@ -364,9 +373,11 @@ class Probe:
                 step_derivative = self.geometry.step_derivative(grad_j, params)
                 if step is not None:
                     directions.update(entropy_directions(step_derivative, step, self.geometry.kind == "adamw_step"))
-            with self.results.timed("selection_steps"), self._charged("U"):
-                self.selections = self._token_selections()
-                directions.update(self._selection_directions(step_derivative, grad_j, batch_scale * clip))
+            self.selections = {}
+            if extras:
+                with self.results.timed("selection_steps"), self._charged("U"):
+                    self.selections = self._token_selections()
+                    directions.update(self._selection_directions(step_derivative, grad_j, batch_scale * clip))
         if self.next_checkpoint is not None:  # Δθ_real = θ′ − θ
             directions["real_step"] = [
                 (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
@@ -447,20 +458,36 @@ class Probe:
         sums = {name: [torch.zeros_like(g) for g in grad_j] for name in names}
         bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
 
+        def add(name: str, tf: TeacherForcing, coefficients, masks, retain_graph: bool = False) -> None:
+            c, c_h = coefficients
+            loss = (c * masks[name] * tf.token_logprobs).sum()
+            if bonus:
+                loss = loss + (c_h * masks[name] * tf.token_entropies).sum()
+            self.sums.add_gradient(sums[name], loss, retain_graph=retain_graph)
+
         def selection_pass():
             for micro, scored in phase_bar("selection steps", "microbatch", iterable=self._update_scored()):
                 masks = {name: self._keep_mask(micro, self.selections[name], removed[name]) for name in names}
-                wanted = [name for name in names if masks[name].any()]
-                if not wanted:
-                    continue
-                tf = self.processor.teacher_force_logprobs(micro.batch, with_grad=True)
-                coefficients, bonus_coefficients = self.update_batch.coefficients(micro, scored.token_logprobs)
-                with torch.enable_grad():
-                    for i, name in enumerate(wanted):
-                        loss = (coefficients * masks[name] * tf.token_logprobs).sum()
-                        if bonus:
-                            loss = loss + (bonus_coefficients * masks[name] * tf.token_entropies).sum()
-                        self.sums.add_gradient(sums[name], loss, retain_graph=i + 1 < len(wanted))
+                touched = {name: masks[name].amax(-1) > 0 for name in names}  # [B, G]: responses with such tokens
+                coefficients = self.update_batch.coefficients(micro, scored.token_logprobs)
+                # A side spread over most responses: one more forward of the microbatch, a backward each. A few
+                # responses (Clip-Cov's and KL-Cov's tokens): a forward and backward of just those responses.
+                shared = [name for name in names if 2 * touched[name].sum() > touched[name].numel()]
+                if shared:
+                    tf = self.processor.teacher_force_logprobs(micro.batch, with_grad=True)
+                    with torch.enable_grad():
+                        for i, name in enumerate(shared):
+                            add(name, tf, coefficients, masks, retain_graph=i + 1 < len(shared))
+                for name in names:
+                    if name in shared or not touched[name].any():
+                        continue
+                    b, g = touched[name].nonzero().unbind(1)
+                    tf = self.processor.teacher_force_logprobs(
+                        micro.batch.responses(list(zip(b.tolist(), g.tolist()))), with_grad=True
+                    )
+                    picked = [None if c is None else c[b, g][:, None] for c in coefficients]
+                    with torch.enable_grad():
+                        add(name, tf, picked, {name: masks[name][b, g][:, None]})
 
         self._unless_failed(selection_pass)
         self.collectives.raise_any(self.failure)
@@ -489,19 +516,21 @@ class Probe:
         return mask
 
     def _standard_error(
-        self, result: ProbeResult, params: list[torch.Tensor], step: CoefficientStep | None
+        self, result: ProbeResult, params: list[torch.Tensor], step: CoefficientStep | None, extras: bool = True
     ) -> ProbeContributions | None:
-        """With the standard error: it, the contributions (_contributions), and whether δH₁ is resolved."""
+        """With the standard error: it, the contributions (_contributions), and whether δH₁ is resolved; extras: the
+        SEs of the counterfactuals (with _estimate's extras), of the shares and (if asked) of the top contributions."""
         B_E, B_U = result.B_E, result.B_U
         contributions = None
         if self.settings.standard_error:
             vectors = self.vectors
             direction = self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)
-            with self.results.timed("share_se"), self._charged("U"):
-                self._share_standard_errors(result, direction)
+            if extras:
+                with self.results.timed("share_se"), self._charged("U"):
+                    self._share_standard_errors(result, direction)
             with self.results.timed("standard_error"), self._charged("U"):
                 contributions = self._contributions(result, direction, step)
-            if self.settings.top_contributions_se:
+            if extras and self.settings.top_contributions_se:
                 with self.results.timed("top_se"), self._charged("E"):
                     self._top_standard_errors(result)
             # Wall seconds per prompt: each process's time over all processes' prompts (they run side by side).

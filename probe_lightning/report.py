@@ -148,6 +148,8 @@ def _probe_section(probe: dict, folder: Path, scale: float, several: bool) -> st
             parts.append(_entropy_coef_table(probe["counterfactuals"][ENTROPY_COEF_FOR_ZERO]))
     if probe.get("top_responses"):
         parts.append("<h3>Top responses by |contribution|</h3>")
+        if not any("se" in row for row in probe["top_responses"] + (probe.get("top_tokens") or [])):
+            parts.append("<p>Their standard errors: run with <code>--model.top_contributions_se true</code>.</p>")
         parts.append(_legend(probe.get("contributions_add_up_to"), scale))
         parts.extend(_response(response, scale) for response in probe["top_responses"])
     if probe.get("top_tokens"):

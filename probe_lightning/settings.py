@@ -47,7 +47,8 @@ class ProbeSettings:
     next_checkpoint: str | None = None
     reference: str | None = None
     entropy_coef_for_zero: bool = True
-    top_contributions_se: bool = True
+    breakdown_se: bool = True
+    top_contributions_se: bool = False
     trainer_settings: TrainerSettings = field(init=False)
     trainer_sources: dict[str, str] = field(init=False)  # each trainer setting: config, checkpoint or default
     reference_source: str | None = field(init=False)  # with beta != 0: what the KL term's reference model is

@@ -103,7 +103,7 @@ def test_a_top_contributions_se_is_its_spread_over_the_entropy_prompts_taken_one
     """Given the U sample, a token's contribution is the mean over E prompts of the contribution a probe with that
     E prompt alone gives it (the budget target: X(p) does not depend on the other E prompts); its SE is their
     spread / sqrt(B_E). Probes of one E prompt each give both, independently of the probe's own pass."""
-    settings = dict(G=3, G_E=3, entropy_target="budget", estimator="rb", dtype=torch.float64,
+    settings = dict(G=3, G_E=3, entropy_target="budget", estimator="rb", dtype=torch.float64, top_contributions_se=True,
                     trainer=TrainerConfig(loss_type="dapo", max_grad_norm=0.5))  # fmt: skip
     batches = prompt_batches(0, PROMPTS * 2, PROMPTS * 2, rollout_batch_size=3, seed=13)
     entropy, update = [b for b in batches if b.role == "E"], [b for b in batches if b.role == "U"]

@@ -44,7 +44,8 @@ def one_and_two(world, prompts_file, tmp_path_factory):
     runs = {}
     for devices in (1, 2):
         folder = tmp_path_factory.mktemp(f"devices{devices}")
-        done = predict(world, prompts_file, folder, devices, "--model.eta_sweep", "[0, 0.1]")
+        extra = ["--model.eta_sweep", "[0, 0.1]", "--model.top_contributions_se", "true"]
+        done = predict(world, prompts_file, folder, devices, *extra)
         assert done.returncode == 0, done.stderr[-3000:]
         runs[devices] = outputs(folder)
     return runs

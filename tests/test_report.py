@@ -231,10 +231,16 @@ def report_with_entropy_coef(tmp_path, entry: dict) -> Page:
     return Page(write_report({**RESULTS, "probes": [probe]}, tmp_path).read_text(encoding="utf-8"))
 
 
-def test_top_responses_and_tokens_show_their_contributions_se(page):
+def test_top_responses_and_tokens_show_their_contributions_se(page, tmp_path):
     text = "".join(page.text)
     assert "contribution -0.0022 ± 0.0007 (SE)" in text and "contribution 0.0004" in text  # the E response: none
     assert "advantagecontributionSE" in text and "0.87-0.0020.0003" in text  # the top tokens' table
+    assert "model.top_contributions_se" not in text
+    probe = RESULTS["probes"][0]
+    without = {**probe, "top_responses": [{k: v for k, v in r.items() if k != "se"} for r in probe["top_responses"]],
+               "top_tokens": [{k: v for k, v in t.items() if k != "se"} for t in probe["top_tokens"]]}  # fmt: skip
+    text = "".join(Page(write_report({**RESULTS, "probes": [without]}, tmp_path).read_text(encoding="utf-8")).text)
+    assert "Their standard errors: run with --model.top_contributions_se true." in text
 
 
 def test_the_entropy_coef_that_holds_the_entropy_is_tabled_beside_the_token_selections(tmp_path):

@@ -44,8 +44,8 @@ class UniformPrompts:
         return batches
 
 
-def sequential_probe(world, target_rse=TARGET_RSE, max_prompts=MAX_PROMPTS):
-    probe = make_probe(world, G_E=4, entropy_target="dr_grpo", standard_error=True)
+def sequential_probe(world, target_rse=TARGET_RSE, max_prompts=MAX_PROMPTS, breakdown_se=False):
+    probe = make_probe(world, G_E=4, entropy_target="dr_grpo", standard_error=True, breakdown_se=breakdown_se)
     probe.sequential, probe.more_prompts = SequentialSampling(target_rse, max_prompts), UniformPrompts()
     return probe
 
@@ -69,6 +69,7 @@ def test_sequential_intervals_cover_the_exact_value_90_to_99_percent_of_the_time
              covered, len(results), 100 * reached, TARGET_RSE, stages)  # fmt: skip
     assert 0.90 <= covered <= 0.99, f"coverage {covered:.3f} over {len(results)} probes"
     assert reached >= 0.3 and stages > 1.5  # the rule did act: probes grew, and many stopped at the target
+    assert results[0].counterfactuals == {} and results[0].block_shares_se is None  # breakdown_se false: δH₁ only
     for r in results:
         assert r.B_E + r.B_U <= MAX_PROMPTS
         if r.sequential["stopped"] == "target reached":
@@ -76,7 +77,7 @@ def test_sequential_intervals_cover_the_exact_value_90_to_99_percent_of_the_time
 
 
 def test_a_sequential_probe_is_the_fixed_probe_of_its_final_prompts(world):
-    probe = sequential_probe(world, target_rse=0.05, max_prompts=64)  # out of reach: it grows to max_prompts
+    probe = sequential_probe(world, target_rse=0.05, max_prompts=64, breakdown_se=True)  # grows to max_prompts
     result = run(probe, 0)
     stages = result.sequential["stages"]
     assert len(stages) >= 2 and result.sequential["stopped"] == "max_prompts reached"
@@ -91,6 +92,11 @@ def test_a_sequential_probe_is_the_fixed_probe_of_its_final_prompts(world):
     assert (same.B_E, same.B_U) == (result.B_E, result.B_U)
     assert same.delta_h1 == pytest.approx(result.delta_h1, rel=1e-5)
     assert same.delta_h1_se == pytest.approx(result.delta_h1_se, rel=1e-5)
+    # the counterfactuals' and shares' SEs, taken once at the final sizes, are the fixed probe's too
+    assert result.counterfactuals.keys() == same.counterfactuals.keys() and len(result.counterfactuals) == 5
+    for name, entry in same.counterfactuals.items():
+        assert result.counterfactuals[name]["se"] == pytest.approx(entry["se"], rel=1e-5), name
+    assert result.block_shares_se == pytest.approx(same.block_shares_se, rel=1e-5)
 
 
 def test_target_rse_on_the_command_line_records_its_stages_and_draws_disjoint_prompts(
