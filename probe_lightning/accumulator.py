@@ -82,7 +82,10 @@ class ProbeSums:
             p.register_post_accumulate_grad_hook(add_into(total, toward, k))
             for k, (p, total, toward) in enumerate(zip(self.params, sums, towards, strict=True))
         ]
-        sinks = {p: _IntoSum(p, total, toward, along[:, k]) for k, (p, total, toward) in enumerate(zip(self.params, sums, towards))}
+        sinks = {
+            p: _IntoSum(p, total, toward, along[:, k])
+            for k, (p, total, toward) in enumerate(zip(self.params, sums, towards))
+        }
         try:
             for p in self.params:
                 p.grad = None
@@ -146,7 +149,9 @@ class _IntoSum:
     into the sum (if one is kept). Dotting the gradient itself, not the sum's change, keeps a prompt's a_e
     independent of what the float32 sum held before it."""
 
-    def __init__(self, param: torch.Tensor, total: torch.Tensor | None, toward: list[torch.Tensor], along: torch.Tensor):
+    def __init__(
+        self, param: torch.Tensor, total: torch.Tensor | None, toward: list[torch.Tensor], along: torch.Tensor
+    ):
         self.param, self.total, self.toward, self.along = param, total, toward, along
 
     def __enter__(self) -> torch.Tensor:

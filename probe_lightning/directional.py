@@ -51,7 +51,10 @@ def directional_derivatives(
 
 
 def token_derivatives(
-    processor: SequenceProcessor, named_params: NamedParams, batches: list[BatchedSequences], direction: list[torch.Tensor]
+    processor: SequenceProcessor,
+    named_params: NamedParams,
+    batches: list[BatchedSequences],
+    direction: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """Per batch: the derivative of its response tokens' (log q, H_t) along direction, [2, B, G, R] float64."""
     along = _along(processor, named_params, direction)

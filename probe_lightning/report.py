@@ -200,7 +200,8 @@ def _counterfactual_table(counterfactuals: dict) -> str:
         share = entry["delta_h1"] / everything if everything else None
         sign = resolved(entry["delta_h1"], entry.get("se"))
         rows.append([name, entry["delta_h1"], entry.get("se"), {True: "yes", False: "no"}.get(sign), share,
-                     entry.get("tokens"), entry.get("fraction"), entry.get("removed_delta_h1"), entry.get("removed_se")])
+                     entry.get("tokens"), entry.get("fraction"), entry.get("removed_delta_h1"),
+                     entry.get("removed_se")])  # fmt: skip
     header = ["selection", "δH₁", "SE", "resolved", "δH₁ / δH₁(all)", "tokens", "fraction of tokens",
               "δH₁ of the left-out tokens", "its SE"]  # fmt: skip
     return _table(header, rows)

@@ -68,7 +68,9 @@ def share_standard_errors(
     blocks: dict[str, list[int]] = {}
     for k, key in enumerate(keys):
         blocks.setdefault(block_of(key), []).append(k)
-    parameters = {key: plugin_standard_error(entropy_terms[:, k], update_terms[:, k], scale) for k, key in enumerate(keys)}
+    parameters = {
+        key: plugin_standard_error(entropy_terms[:, k], update_terms[:, k], scale) for k, key in enumerate(keys)
+    }
     return parameters, {
         block: plugin_standard_error(entropy_terms[:, ks].sum(1), update_terms[:, ks].sum(1), scale)
         for block, ks in blocks.items()

@@ -10,7 +10,7 @@ from enumerable_world import PROMPTS
 from eos_world import save_eos_world
 from probe_helpers import head_adam_state, make_probe, prompt_batches
 
-from probe_lightning import probe as probe_module
+from probe_lightning import breakdown
 from probe_lightning.config import TrainerConfig
 from probe_lightning.contributions import ProbeContributions
 from probe_lightning.directional import directional_derivatives
@@ -75,7 +75,7 @@ def test_the_counterfactuals_and_shares_standard_errors_come_from_terms_that_add
         return share_standard_errors(keys, entropy_terms, update_terms, scale)
 
     monkeypatch.setattr(ProbeContributions, "counterfactuals", recording)
-    monkeypatch.setattr(probe_module, "share_standard_errors", shares)
+    monkeypatch.setattr(breakdown, "share_standard_errors", shares)
     state = str(head_adam_state(tmp_path / "optimizer.pt")) if update == "adamw_step" else None
     out = run(eos_world, optimizer_state=state, update=update, learning_rate=0.1,
               trainer=TrainerConfig(loss_type="dapo", max_grad_norm=0.5))  # fmt: skip

@@ -112,7 +112,8 @@ def test_c_star_matches_the_exact_one_and_its_se_the_spread_over_probes(lowering
     fails. The SE must match the spread within a factor 0.6–1.6."""
     exact = exact_c_star(lowering_world, G=4)
     trainer = TrainerConfig(loss_type="dapo", scale_rewards="none", max_grad_norm=0)
-    probe = make_probe(lowering_world, G=4, G_E=4, entropy_target="budget", estimator="rb", trainer=trainer)
+    probe = make_probe(lowering_world, G=4, G_E=4, entropy_target="budget", estimator="rb", trainer=trainer,
+                       breakdown_se=False)  # c* only
     results, _, _ = run_probes(probe, 200, PROMPTS * 12, PROMPTS * 12, seed=7)
     entries = [r.counterfactuals[ENTROPY_COEF_FOR_ZERO] for r in results]
     values = torch.tensor([e["value"] for e in entries], dtype=torch.float64)

@@ -30,7 +30,7 @@ def lm_head_adam_state(world, tmp_path_factory) -> str:
 
 
 def test_adam_preconditioned_delta_h1_is_unbiased(world, lm_head_adam_state):
-    probe = make_probe(world, optimizer_state=lm_head_adam_state, update="adam_precondition")
+    probe = make_probe(world, optimizer_state=lm_head_adam_state, update="adam_precondition", breakdown_se=False)
     assert probe.results.info.update == "adam_precondition"
     states = load_optimizer_state(lm_head_adam_state, probe.named_params).adam_states
     exact_prompts = [exact_prompt(probe.processor.model, probe.processor.tokenizer, p) for p in PROMPTS]

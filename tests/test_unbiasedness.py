@@ -37,7 +37,7 @@ def exact_world(world: str, G: int):
 @functools.cache
 def probes(world: str, entropy_target: str, G_E: int, standard_error: bool = False):
     """Without the standard error unless asked: its E pass holds one prompt per forward (384 with G_E = 1)."""
-    probe = make_probe(world, G_E=G_E, entropy_target=entropy_target, standard_error=standard_error)
+    probe = make_probe(world, G_E=G_E, entropy_target=entropy_target, standard_error=standard_error, breakdown_se=False)
     return run_probes(probe, NUM_PROBES[G_E], ENTROPY_PROMPTS[G_E], UPDATE_PROMPTS, seed=1234)
 
 
