@@ -5,11 +5,10 @@ apart from the probe's estimate, as methods the Probe inherits (they read its su
 """
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from probe_lightning.contributions import select_tokens
+from probe_lightning.contributions import response_key, select_tokens
 from probe_lightning.directional import token_derivatives
 from probe_lightning.progress import phase_bar
 from probe_lightning.results import ProbeResult
@@ -45,7 +44,7 @@ class BreakdownErrors:
         }
 
     def _selection_directions(
-        self, step_derivative: Callable[[list[torch.Tensor]], list[torch.Tensor]], grad_j: list[torch.Tensor],
+        self, grad_j: list[torch.Tensor],
         update_scale: float,
     ) -> dict[str, list[torch.Tensor]]:  # fmt: skip
         """Each counterfactual selection's step, to first order: (∂Ȳ/∂∇J) ĝ_S, ĝ_S the clipped ∇J̄'s piece from the
@@ -60,7 +59,7 @@ class BreakdownErrors:
         kept = {name: sum(int(keep.sum()) for keep in self.selections[name].values()) for name in names}
         removed = {name: 2 * kept[name] > tokens for name in names}  # backward the removed tokens instead
         sums = {name: [torch.zeros_like(g) for g in grad_j] for name in names}
-        bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
+        bonus = self.has_bonus_term
 
         def add(name: str, tf: TeacherForcing, coefficients, masks, retain_graph: bool = False) -> None:
             c, c_h = coefficients
@@ -96,6 +95,7 @@ class BreakdownErrors:
         self._unless_failed(selection_pass)
         self.collectives.raise_any(self.failure)
         B_U = self.sums.counts["U"].prompts
+        step_derivative = self.step_derivative
         directions = {"gradient_step": step_derivative(grad_j)} if self.geometry.kind == "adamw_step" else {}
         for name in names:
             total = sums.pop(name)
@@ -120,7 +120,6 @@ class BreakdownErrors:
         """The plug-in SE of each parameter tensor's and each block's share of δH₁ (docs/math.md §9): the E side from
         the E pass's per-tensor ⟨X(e), Ȳ⟩, the U side b_u per tensor, ⟨v_k, ∇J(p_u)_k⟩, from one more backward per
         U prompt whose gradient is only dotted with v (forward mode would need a pass per block)."""
-        bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
 
         def update_terms() -> list[torch.Tensor]:
             rows = []
@@ -128,11 +127,8 @@ class BreakdownErrors:
                 for b in range(micro.batch.num_prompts):
                     one = micro.select(slice(b, b + 1))
                     tf = self.processor.teacher_force_logprobs(one.batch, with_grad=True)
-                    coefficients, bonus_coefficients = self.update_batch.coefficients(one, tf.token_logprobs.detach())
                     with torch.enable_grad():
-                        loss = (coefficients * tf.token_logprobs).sum()
-                        if bonus:
-                            loss = loss + (bonus_coefficients * tf.token_entropies).sum()
+                        loss = self.update_loss(one, tf).sum()
                         rows.append(self.sums.add_gradient(None, loss, [direction])[0] * self.vectors.update_scale)
             return rows
 
@@ -162,8 +158,6 @@ class BreakdownErrors:
         batches = [batch.to(device) for share in shares for batch in share[1]]
         coefficients = [c.to(device) for share in shares for c in share[2]]
         scale = self.geometry.scale * vectors.update_scale / result.B_U
-        step_derivative = self.geometry.step_derivative(vectors.grad_j, params)
-        weights = torch.tensor(self.x_weights)
 
         def per_entropy_prompt() -> list[list[float]]:
             scratch, values = [torch.zeros_like(s) for s in self.sums.sum_x], []
@@ -175,10 +169,9 @@ class BreakdownErrors:
                 for s in scratch:
                     s.zero_()
                 with torch.enable_grad():
-                    self.sums.add_gradient(
-                        scratch, self.entropy_terms(micro, tf).mean(1).sum(0) @ weights.to(tf.token_logprobs)
-                    )
-                derivatives = token_derivatives(self.processor, self.named_params, batches, step_derivative(scratch))
+                    self.sums.add_gradient(scratch, self.entropy_loss(micro, tf))
+                along = self.step_derivative(scratch)
+                derivatives = token_derivatives(self.processor, self.named_params, batches, along)
                 # d(e) per token of each response: its coefficients times the derivatives of log q and H_t
                 tokens = torch.cat([(c * d).sum(0).flatten(0, 1) for c, d in zip(coefficients, derivatives)]) * scale
                 by_key = dict(zip(keys, tokens))
@@ -199,13 +192,13 @@ class BreakdownErrors:
         for micro, scored in self._update_scored():
             pairs = [(b, g) for b, prompt_id in enumerate(micro.prompt_ids)
                      for g in range(micro.batch.num_responses_per_prompt)
-                     if f"{micro.prompts.probe_index}/U/{prompt_id}/{g}" in keys]  # fmt: skip
+                     if response_key(micro.prompts.probe_index, "U", prompt_id, g) in keys]  # fmt: skip
             if not pairs:
                 continue
             c, c_h = self.update_batch.coefficients(micro, scored.token_logprobs)
-            c_h = torch.zeros_like(c) if c_h is None or self.trainer.loss_type == "seed" else c_h
+            c_h = c_h if c_h is not None and self.has_bonus_term else torch.zeros_like(c)
             b, g = (torch.tensor(index) for index in zip(*pairs))
-            names.extend(f"{micro.prompts.probe_index}/U/{micro.prompt_ids[i]}/{j}" for i, j in pairs)
+            names.extend(response_key(micro.prompts.probe_index, "U", micro.prompt_ids[i], j) for i, j in pairs)
             batches.append(micro.batch.responses(pairs).to("cpu"))
             coefficients.append(torch.stack([c[b, g], c_h[b, g]])[:, :, None].double().cpu())
         return names, batches, coefficients

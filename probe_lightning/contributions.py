@@ -36,7 +36,7 @@ class ProbeContributions:
         P, mask = batch.prompt_len, batch.response_mask.bool()
         for b, prompt_id in enumerate(rollout.prompt_ids):
             for g in range(batch.num_responses_per_prompt):
-                key = f"{rollout.prompts.probe_index}/{rollout.role}/{prompt_id}/{g}"
+                key = response_key(rollout.prompts.probe_index, rollout.role, prompt_id, g)
                 length = int(mask[b, g].sum())
                 ids = batch.sequences[b, g, P : P + length].tolist()
                 texts = tokenizer.batch_decode([[i] for i in ids])
@@ -96,7 +96,7 @@ class ProbeContributions:
         if not update or not selections:
             return {}
         d = torch.tensor([t["contribution"] for t in update], dtype=torch.float64)
-        responses = [_response(t["key"]) for t in update]
+        responses = [_key_parts(t["key"])[1:] for t in update]
         prompt_of = torch.tensor([update_ids.index(prompt_id) for prompt_id, _ in responses])
         B_U = len(update_ids)
 
@@ -138,13 +138,18 @@ def select_tokens(entropy: torch.Tensor, log_q: torch.Tensor, advantage: torch.T
     return keep
 
 
-def _response(key: str) -> tuple[int, int]:
-    """(prompt id, response index) from a row's key "probe/role/prompt_id/response"."""
-    _, _, prompt_id, response = key.split("/")
-    return int(prompt_id), int(response)
+def response_key(probe_index: int, role: str, prompt_id: int, response: int) -> str:
+    """A response's key in the tables: "probe/role/prompt_id/response"."""
+    return f"{probe_index}/{role}/{prompt_id}/{response}"
+
+
+def _key_parts(key: str) -> tuple[str, int, int]:
+    """(role, prompt id, response index) from a response's key."""
+    _, role, prompt_id, response = key.split("/")
+    return role, int(prompt_id), int(response)
 
 
 def _sample_order(row: dict) -> tuple[int, int, int]:
-    """(role, prompt id, response index) from a row's key "probe/role/prompt_id/response"."""
-    _, role, prompt_id, response = row["key"].split("/")
-    return "EVU".index(role), int(prompt_id), int(response)
+    """(role, prompt id, response index) of a row, roles in the order E, V, U."""
+    role, prompt_id, response = _key_parts(row["key"])
+    return "EVU".index(role), prompt_id, response

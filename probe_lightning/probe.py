@@ -118,6 +118,8 @@ class Probe(BreakdownErrors):
         self.entropy_derivatives: list[tuple[int, dict[str, float]]] = []
         # per E prompt, ⟨X(e), Ȳ⟩ parameter tensor by tensor: the E side of the parameter and block shares' SEs
         self.entropy_parameter_terms: list[torch.Tensor] = []
+        # with the standard error: g ↦ (∂Ȳ/∂∇J) g at the probe's ∇J̄ (UpdateGeometry.step_derivative)
+        self.step_derivative: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
         # with the standard error: the counterfactual token selections, a keep mask per U response (_token_selections)
         self.selections: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
         # With the standard error and a TRL loss, ΣB too: the entropy bonus's gradient per unit coefficient, for the
@@ -205,6 +207,16 @@ class Probe(BreakdownErrors):
         loss = (coefficients * tf.token_logprobs).sum((1, 2))
         return loss if bonus is None else loss + (bonus * tf.token_entropies).sum((1, 2))
 
+    def entropy_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
+        """The E microbatch's loss: its gradient is Σ_p X(p) over the microbatch's prompts."""
+        columns = self.entropy_terms(rollout, tf).mean(1).sum(0)
+        return columns @ columns.new_tensor(self.x_weights)
+
+    @property
+    def has_bonus_term(self) -> bool:
+        """Whether U tokens' H_t enter the trainer's loss (an entropy bonus of a TRL loss type)."""
+        return self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
+
     def bonus_loss(self, rollout: Rollout, tf: TeacherForcing) -> torch.Tensor:
         """[B]: ∇ of prompt p's entry is its piece of g_b, the entropy bonus's gradient at coefficient 1, up to
         bonus_scale."""
@@ -277,8 +289,7 @@ class Probe(BreakdownErrors):
                     check.check_scores(micro, tf)
                 with torch.enable_grad():
                     if rollout.role == "E":
-                        columns = self.entropy_terms(micro, tf).mean(1).sum(0)
-                        loss = columns @ columns.new_tensor(self.x_weights)
+                        loss = self.entropy_loss(micro, tf)
                         along = self.sums.add_gradient(self.sums.sum_x, loss, list((directions or {}).values()))
                         if directions:
                             totals = dict(zip(directions, along.sum(1).tolist()))
@@ -304,8 +315,8 @@ class Probe(BreakdownErrors):
         # The SEs of the counterfactuals, the shares and the top contributions (extras, model.breakdown_se) only at the
         # final sizes: with sequential sampling the stages go without them and the last is estimated once more with them.
         extras = self.sequential is None and self.settings.breakdown_se
-        result, params, step, directions = self._estimate(probe_index, extras)
-        contributions = self._standard_error(result, params, step, extras)
+        result, step, directions = self._estimate(probe_index, extras)
+        contributions = self._standard_error(result, step, extras)
         while self.sequential is not None and (more := self.sequential.more(result)) is not None:
             batches = self.more_prompts(probe_index, more["E"], more["U"])
             if not batches:
@@ -314,12 +325,12 @@ class Probe(BreakdownErrors):
             for batch in batches:
                 with self._charged(batch.role):
                     self._work(batch)
-            result, params, step, directions = self._estimate(probe_index, extras)
-            contributions = self._standard_error(result, params, step, extras)
+            result, step, directions = self._estimate(probe_index, extras)
+            contributions = self._standard_error(result, step, extras)
         if self.sequential is not None:
             if self.settings.standard_error and self.settings.breakdown_se:
-                result, params, step, directions = self._estimate(probe_index, extras=True)
-                contributions = self._standard_error(result, params, step, extras=True)
+                result, step, directions = self._estimate(probe_index, extras=True)
+                contributions = self._standard_error(result, step, extras=True)
             result.sequential = self.sequential.record()
         if self.next_checkpoint is not None:
             with self.results.timed("next_checkpoint"):
@@ -340,7 +351,7 @@ class Probe(BreakdownErrors):
 
     def _estimate(
         self, probe_index: int, extras: bool = True
-    ) -> tuple[ProbeResult, list[torch.Tensor], CoefficientStep | None, dict]:
+    ) -> tuple[ProbeResult, CoefficientStep | None, dict]:
         """δH₁ from the sums so far: ∇J̄, Ȳ, the E pass (along the directions it returns), X̄. With sequential
         sampling it can run again after more prompts: the sums are read, not divided in place, and the E pass
         starts again over every E prompt (its weights and Ȳ have changed). extras: with the standard error, the
@@ -371,14 +382,15 @@ class Probe(BreakdownErrors):
         directions = {"y_bar": y_bar} if self.settings.standard_error else {}
         if self.settings.standard_error:
             with self.results.timed("finish_probe"):
-                step_derivative = self.geometry.step_derivative(grad_j, params)
+                self.step_derivative = self.geometry.step_derivative(grad_j, params)
                 if step is not None:
-                    directions.update(entropy_directions(step_derivative, step, self.geometry.kind == "adamw_step"))
+                    adamw = self.geometry.kind == "adamw_step"
+                    directions.update(entropy_directions(self.step_derivative, step, adamw))
             self.selections = {}
             if extras:
                 with self.results.timed("selection_steps"), self._charged("U"):
                     self.selections = self._token_selections()
-                    directions.update(self._selection_directions(step_derivative, grad_j, batch_scale * clip))
+                    directions.update(self._selection_directions(grad_j, batch_scale * clip))
         if self.next_checkpoint is not None:  # Δθ_real = θ′ − θ
             directions["real_step"] = [
                 (w.double() - p.detach().double()).float() for w, p in zip(self.next_checkpoint.weights, params)
@@ -416,21 +428,20 @@ class Probe(BreakdownErrors):
         shares = parameter_shares(self.weight_keys, x_bar, y_bar)
         result.parameter_shares = {key: scale * share for key, share in shares.items()}
         result.block_shares = block_shares(result.parameter_shares)
-        return result, params, step, directions
+        return result, step, directions
 
     def _update_scored(self) -> list[tuple[Rollout, TeacherForcing]]:
         return [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
 
     def _standard_error(
-        self, result: ProbeResult, params: list[torch.Tensor], step: CoefficientStep | None, extras: bool = True
+        self, result: ProbeResult, step: CoefficientStep | None, extras: bool = True
     ) -> ProbeContributions | None:
         """With the standard error: it, the contributions (_contributions), and whether δH₁ is resolved; extras: the
         SEs of the counterfactuals (with _estimate's extras), of the shares and (if asked) of the top contributions."""
         B_E, B_U = result.B_E, result.B_U
         contributions = None
         if self.settings.standard_error:
-            vectors = self.vectors
-            direction = self.geometry.update_tangent(vectors.x_bar, vectors.grad_j, params)
+            direction = self.step_derivative(self.vectors.x_bar)  # v: b_u = ⟨v, ∇J(p_u)⟩
             if extras:
                 with self.results.timed("share_se"), self._charged("U"):
                     self._share_standard_errors(result, direction)
@@ -461,7 +472,7 @@ class Probe(BreakdownErrors):
         params = [p for _, p in self.named_params]
         # Each token's share: its log q's derivative times its coefficient, plus, with an entropy bonus, its H_t's
         # derivative times the bonus's coefficient (both from the one forward-mode pass).
-        bonus = self.trainer.loss_type != "seed" and self.trainer.entropy_bonus != 0
+        bonus = self.has_bonus_term
         entropies = bonus or step is not None  # H_t's derivatives: the bonus's share, and g_b's b_u^b
         derivatives = directional_derivatives(
             self.processor, self.named_params, [micro for micro, _ in update], direction,
@@ -565,7 +576,7 @@ class Probe(BreakdownErrors):
 
     def _covariance(self) -> float:
         """Cov(log π(y_t), A(y_t)) over the U batch's response tokens (the covariance proxy's)."""
-        update = [(micro, tf) for micro, tf in self.scored if micro.role == "U"]
+        update = self._update_scored()
         masks = [tf.response_mask.bool() for _, tf in update]
         log_q = torch.cat([tf.token_logprobs[m] for (_, tf), m in zip(update, masks)]).double().cpu()
         advantage = torch.cat([micro.advantages[..., None].expand_as(m)[m] for (micro, _), m in zip(update, masks)])

@@ -64,21 +64,10 @@ class UpdateGeometry:
         self, grad_j: list[torch.Tensor], params: list[torch.Tensor]
     ) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
         """g ↦ (∂Ȳ/∂∇J at grad_j) g: Ȳ's own map for the linear geometries (P ⊙ g, or g), D ⊙ g for adamw_step
-        (D = adamw_step_derivative, computed once here). A gradient piece's first-order share of the step."""
+        (D = adamw_step_derivative, computed once here). A gradient piece's first-order share of the step; the map is
+        diagonal, so it is its own transpose: applied to X̄ it gives v with b_u = ⟨v, ∇J(p_u)⟩ = ⟨X̄, ∂Ȳ/∂∇J ∇J(p_u)⟩
+        (for the linear geometries the b_u / B_U sum to ⟨X̄, Ȳ⟩ exactly; adamw_step linearises Δθ at ∇J̄)."""
         if self.kind != "adamw_step":
             return lambda g: self.step_direction(g, params)
         derivative = adamw_step_derivative(self.states, params, grad_j)
         return lambda g: [d * x for d, x in zip(derivative, g)]
-
-    def update_tangent(
-        self, x_bar: list[torch.Tensor], grad_j: list[torch.Tensor], params: list[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        """The direction v with b_u = ⟨v, ∇J(p_u)⟩ = ⟨X̄, ∂Ȳ/∂∇J · ∇J(p_u)⟩ (Ȳ is elementwise in ∇J).
-
-        Linear geometries: b_u / B_U sum to ⟨X̄, Ȳ⟩ exactly. adamw_step linearises Δθ at ∇J̄ (delta method).
-        """
-        if self.kind == "adam_precondition":
-            return [s.preconditioner() * x for s, x in zip(self.states, x_bar)]
-        if self.kind == "adamw_step":
-            return [d * x for d, x in zip(adamw_step_derivative(self.states, params, grad_j), x_bar)]
-        return x_bar
