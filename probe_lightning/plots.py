@@ -48,16 +48,18 @@ ERROR_BAR_SES = 2.0
 
 def counterfactual_figure(counterfactuals: dict, title: str) -> plt.Figure:
     """δH₁ of a step trained only on each token selection, one horizontal bar per selection in the dict's order,
-    with ± 2 SE error bars where the entries have their SE."""
+    with ± 2 SE error bars where the entries have their SE; each label gives the selection, its share of the tokens
+    and the value (± SE), clear of the bars."""
     names = list(counterfactuals)
     values = [counterfactuals[name]["delta_h1"] for name in names]
     errors = [counterfactuals[name].get("se") for name in names]
-    labels = [f"{name} ({_percent(counterfactuals[name]['fraction'])} of tokens)" for name in names]
-    figure, axes, bars = _signed_bars(labels, values, 0.45, errors=errors)
-    value_labels = [f"{v:.3g}" + (f" ± {se:.2g}" if _finite(se) else "") for v, se in zip(values, errors)]
-    axes.bar_label(bars, labels=value_labels, padding=3, fontsize=8)
-    axes.margins(x=0.25)  # room for the value labels at the bars' ends
-    return _finished(figure, axes, _with_bars("δH₁ of a step trained only on these tokens (nats)", errors), title)
+    labels = [
+        f"{name} ({_percent(counterfactuals[name]['fraction'])} of tokens)\n{v:.3g}"
+        + (f" ± {se:.2g}" if _finite(se) else "")
+        for name, v, se in zip(names, values, errors)
+    ]
+    figure, axes, _ = _signed_bars(labels, values, 0.6, errors=errors)
+    return _finished(figure, axes, _with_bars("δH₁ of a step on these tokens only (nats)", errors), title)
 
 
 def block_shares_figure(shares: dict[str, float], title: str, errors: dict[str, float] | None = None) -> plt.Figure:
@@ -88,7 +90,7 @@ def _finite(value) -> bool:
 
 
 def _with_bars(label: str, errors: list) -> str:
-    return label + (f"; bars ± {ERROR_BAR_SES:g} SE" if any(_finite(se) for se in errors) else "")
+    return label + (f", bars ± {ERROR_BAR_SES:g} SE" if any(_finite(se) for se in errors) else "")
 
 
 def _finished(figure: plt.Figure, axes, xlabel: str, title: str) -> plt.Figure:
