@@ -43,14 +43,12 @@ class BreakdownErrors:
             for name, keep in select_tokens(entropy, log_q, advantage).items()
         }
 
-    def _selection_directions(
-        self, grad_j: list[torch.Tensor],
-        update_scale: float,
-    ) -> dict[str, list[torch.Tensor]]:  # fmt: skip
+    def _selection_directions(self, grad_j: list[torch.Tensor], update_scale: float) -> dict[str, list[torch.Tensor]]:
         """Each counterfactual selection's step, to first order: (∂Ȳ/∂∇J) ĝ_S, ĝ_S the clipped ∇J̄'s piece from the
         selected tokens (as their contributions add it up: update_scale / B_U times ∇ Σ_{t∈S} (c log q + c_H H_t)).
         One more teacher forcing of the U batch with a backward per selection from the same forward, each over the
-        smaller side: the selected tokens, or the removed ones taken from ∇J̄. The E pass takes them as directions
+        smaller side: the selected tokens, or the removed ones taken from ∇J̄ (a side in few responses: a forward and
+        backward of just those). The E pass takes them as directions
         ("selection/NAME"; "all" is Ȳ's own linearisation: y_bar, or gradient_step for adamw_step)."""
         if not self.selections:
             return {}
