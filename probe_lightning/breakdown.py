@@ -24,9 +24,7 @@ class BreakdownErrors:
         """The counterfactual token selections (contributions.select_tokens) over every U token of the probe, all
         processes together, in the tables' order; as a keep mask per U response, keyed (prompt id, response)."""
         local = []
-        for micro, tf in self.scored:
-            if micro.role != "U":
-                continue
+        for micro, tf in self._update_scored():
             lengths = micro.batch.response_mask.sum(-1).tolist()
             for b, prompt_id in enumerate(micro.prompt_ids):
                 for g, n in enumerate(lengths[b]):
@@ -49,7 +47,7 @@ class BreakdownErrors:
         One more teacher forcing of the U batch with a backward per selection from the same forward, each over the
         smaller side: the selected tokens, or the removed ones taken from ∇J̄ (a side in few responses: a forward and
         backward of just those). The E pass takes them as directions
-        ("selection/NAME"; "all" is Ȳ's own linearisation: y_bar, or gradient_step for adamw_step)."""
+        ("selection/NAME"; "all" is Ȳ's own linearisation: y_bar, or _estimate's gradient_step for adamw_step)."""
         if not self.selections:
             return {}
         names = [name for name in self.selections if name != "all"]
@@ -93,15 +91,14 @@ class BreakdownErrors:
         self._unless_failed(selection_pass)
         self.collectives.raise_any(self.failure)
         B_U = self.sums.counts["U"].prompts
-        step_derivative = self.step_derivative
-        directions = {"gradient_step": step_derivative(grad_j)} if self.geometry.kind == "adamw_step" else {}
+        directions = {}
         for name in names:
             total = sums.pop(name)
             self.collectives.sum_(total)
             piece = [s.mul_(update_scale / B_U) for s in total]
             if removed[name]:
                 piece = [g - s for g, s in zip(grad_j, piece)]
-            directions[f"selection/{name}"] = step_derivative(piece)
+            directions[f"selection/{name}"] = self.step_derivative(piece)
         return directions
 
     @staticmethod

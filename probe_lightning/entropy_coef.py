@@ -161,18 +161,6 @@ class EntropyCoefficient:
         return plugin_standard_error(a_e, b_u, self.scale) / abs(slope) if slope else math.nan
 
 
-def entropy_directions(
-    step_derivative: Callable[[list[torch.Tensor]], list[torch.Tensor]], step: CoefficientStep, adamw: bool
-) -> dict[str, list[torch.Tensor]]:
-    """The E pass's extra directions, whose a_e give the standard error of c*: the step's derivative at ĝ₀
-    (UpdateGeometry.step_derivative) applied to g_b ("bonus_step": P g_b, or D₀ ⊙ g_b for adamw_step) and, for
-    adamw_step, to ĝ₀ ("gradient_step")."""
-    directions = {"bonus_step": step_derivative(step.bonus_grad)}
-    if adamw:
-        directions["gradient_step"] = step_derivative(step.grad_j)
-    return directions
-
-
 def entropy_coef_for_zero(
     geometry: UpdateGeometry,
     step: CoefficientStep,
@@ -186,7 +174,8 @@ def entropy_coef_for_zero(
 ) -> dict:
     """The counterfactual entry: c*, its SE, whether a c* >= 0 exists, δH₁ at c₀ and at 0, ∂δH₁/∂c at c*.
 
-    entropy_terms: per E prompt, ⟨X(e), ·⟩ along "y_bar" and the entropy_directions; update_terms: per U prompt, b_u
+    entropy_terms: per E prompt, ⟨X(e), ·⟩ along "y_bar", "bonus_step" (D₀ g_b) and, for adamw_step, "gradient_step"
+    (D₀ ĝ₀), the E pass's directions (Probe._estimate); update_terms: per U prompt, b_u
     (§6); bonus_terms: per U prompt, b_u^b = bonus_scale · ⟨v, ∇(its bonus loss)⟩ along the same v."""
     coefficient = EntropyCoefficient(geometry, step, x_bar, params, delta_h1)
     root, at_zero, note = coefficient.solve()

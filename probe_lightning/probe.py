@@ -21,7 +21,7 @@ from probe_lightning.contributions import ProbeContributions
 from probe_lightning.data import PromptBatch
 from probe_lightning.directional import directional_derivatives
 from probe_lightning.distributed import Collectives
-from probe_lightning.entropy_coef import CoefficientStep, entropy_coef_for_zero, entropy_directions
+from probe_lightning.entropy_coef import CoefficientStep, entropy_coef_for_zero
 from probe_lightning.next_checkpoint import NextCheckpoint, step_agreement
 from probe_lightning.progress import phase_bar
 from probe_lightning.results import ENTROPY_COEF_FOR_ZERO, ProbeResult, RunResults, timed_into
@@ -383,9 +383,12 @@ class Probe(BreakdownErrors):
         if self.settings.standard_error:
             with self.results.timed("finish_probe"):
                 self.step_derivative = self.geometry.step_derivative(grad_j, params)
+                # The step's derivative at ĝ₀ applied to g_b and (adamw_step) to ĝ₀ itself: the E side of c*'s SE
+                # and of the whole-step ("all") selection's.
+                if self.geometry.kind == "adamw_step" and (step is not None or extras):
+                    directions["gradient_step"] = self.step_derivative(grad_j)
                 if step is not None:
-                    adamw = self.geometry.kind == "adamw_step"
-                    directions.update(entropy_directions(self.step_derivative, step, adamw))
+                    directions["bonus_step"] = self.step_derivative(step.bonus_grad)
             self.selections = {}
             if extras:
                 with self.results.timed("selection_steps"), self._charged("U"):
