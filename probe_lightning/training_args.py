@@ -127,6 +127,8 @@ def resolve_trainer_settings(
             problem = f"{error}; the file was not loaded"
         if saved is None:
             saved, problem = {}, f"no {TRAINING_ARGS_FILE} in {checkpoint_folder}"
+        elif "num_generations" not in saved:  # a plain TrainingArguments (an SFT or LM-loss run), no GRPOConfig
+            problem = f"{checkpoint_folder}/{TRAINING_ARGS_FILE} holds no GRPO settings (not a GRPOConfig)"
     defaults = asdict(TrainerSettings()) | (PROBE_DEFAULTS if checkpoint_folder is None else {})
     values, sources = {}, {}
     for name in SETTING_NAMES:
@@ -140,7 +142,10 @@ def resolve_trainer_settings(
             values[name], sources[name] = defaults[name], "default"
     assumed = [f"{name}={values[name]!r}" for name in SETTING_NAMES if sources[name] == "default"]
     if problem and assumed:
-        log.warning("trainer settings: %s; assuming TRL's defaults %s", problem, ", ".join(assumed))
+        log.warning(
+            "trainer settings: %s; assuming TRL's defaults %s (model.G and model.generation.max_new_tokens set the "
+            "batch shape)", problem, ", ".join(assumed),
+        )  # fmt: skip
     _entropy_controller(values, sources, checkpoint_folder)
     return TrainerSettings(**values), sources
 

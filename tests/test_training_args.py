@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 import trl
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainingArguments
 from user_rewards import even_token_sum, token_sum
 
 from probe_lightning.build import build_probe
@@ -37,7 +37,11 @@ UNCHANGED = {name: getattr(TrainerSettings(), name) for name in SETTING_NAMES if
 
 def grpo_config(output_dir, **overrides) -> trl.GRPOConfig:
     return trl.GRPOConfig(
-        output_dir=str(output_dir), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+        output_dir=str(output_dir),
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
         **overrides,
     )
 
@@ -149,6 +153,21 @@ def test_a_missing_file_gives_trl_defaults_and_one_warning(tmp_path, caplog):
     assert set(sources.values()) == {"default"}
     [record] = caplog.records
     assert "no training_args.bin in" in record.message
+
+
+def test_a_plain_trainer_checkpoint_gives_trl_defaults_and_one_warning(tmp_path, caplog):
+    # An LM-loss Trainer's checkpoint: its TrainingArguments carry no GRPO batch shape, so TRL's defaults (G = 8,
+    # 512 new tokens: 8x the probe's own per prompt) are assumed, which the user must hear about.
+    torch.save(
+        TrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.5, report_to=[]), tmp_path / "training_args.bin"
+    )
+    with caplog.at_level(logging.WARNING, logger="probe_lightning.training_args"):
+        settings, sources = resolve_trainer_settings({}, tmp_path)
+    assert settings == TrainerSettings(max_grad_norm=0.5)
+    assert sources["max_grad_norm"] == "checkpoint" and sources["num_generations"] == "default"
+    [record] = caplog.records
+    assert "holds no GRPO settings" in record.message
+    assert "num_generations=8" in record.message and "max_completion_length=512" in record.message
 
 
 def test_no_checkpoint_gives_trl_defaults_and_the_probes_batch_shape_silently(caplog):
