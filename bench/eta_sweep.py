@@ -43,12 +43,16 @@ def adam_checkpoint(folder: Path) -> str:
 
 
 def sweep(extra: list[str], etas: list[float], B_V: int, save_dir: str, target_rse: float | None = None,
-          max_prompts: int = 512) -> dict:  # fmt: skip
+          max_prompts: int = 512, breakdown: bool = False) -> dict:  # fmt: skip
     sequential = ["--data.target_rse", str(target_rse), "--data.max_prompts", str(max_prompts)] if target_rse else []
+    # The breakdown's SEs and entropy_coef_for_zero are not this bench's subject, and cost passes of their own.
+    extras = [
+        arg for flag in ("breakdown_se", "entropy_coef_for_zero") for arg in (f"--model.{flag}", str(breakdown).lower())
+    ]
     train.main(
         ["predict", "--config", str(ROOT / "configs/sp.yaml"), "--model.eta_sweep", json.dumps(etas),
          "--data.B_V", str(B_V), "--trainer.enable_progress_bar", "false",
-         "--trainer.logger.init_args.save_dir", save_dir, *sequential, *extra]
+         "--trainer.logger.init_args.save_dir", save_dir, *sequential, *extras, *extra]
     )  # fmt: skip
     (path,) = Path(save_dir).glob("**/results.json")
     results = json.loads(path.read_text())
@@ -74,6 +78,7 @@ def main(
     skip_identity: bool = False,
     target_rse: float | None = None,
     max_prompts: int = 512,
+    breakdown: bool = False,
     output: str | None = None,
 ):
     """
@@ -86,17 +91,28 @@ def main(
         target_rse: sequential sampling (data.target_rse): B_E and B_U grow until SE(δH₁) <= target_rse |δH₁|;
             the true change's SE is B_V's to bring down.
         max_prompts: with target_rse, the most E + U prompts.
+        breakdown: also the breakdown's SEs and entropy_coef_for_zero (model.breakdown_se, model.entropy_coef_for_zero):
+            passes of their own that this bench does not read.
         output: the JSON's path (default bench/results/eta_sweep.json).
     """
     report = {}
     with tempfile.TemporaryDirectory() as folder:
         if not skip_identity:
-            report["identity"] = sweep([], etas, B_V, folder + "/identity", target_rse, max_prompts)
+            report["identity"] = sweep([], etas, B_V, folder + "/identity", target_rse, max_prompts, breakdown)
             print(table("no optimizer state", report["identity"]), flush=True)
         if not skip_adam:
             checkpoint = adam_checkpoint(Path(folder) / "trainer")
+            # The checkpoint is an LM-loss Trainer's, whose training_args.bin has no GRPO batch shape: without these
+            # the probe would take TRL's defaults (G = 8, 512 new tokens), 8x the identity table's cost per prompt.
+            shape = ["--model.G", "4", "--model.generation.max_new_tokens", "64"]
             report["adamw_step"] = sweep(
-                ["--model.checkpoint", checkpoint], adam_etas, B_V, folder + "/adamw", target_rse, max_prompts
+                ["--model.checkpoint", checkpoint, *shape],
+                adam_etas,
+                B_V,
+                folder + "/adamw",
+                target_rse,
+                max_prompts,
+                breakdown,
             )
             print(table("real Adam state", report["adamw_step"]), flush=True)
     path = Path(output or ROOT / "bench/results/eta_sweep.json")
