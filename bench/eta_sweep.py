@@ -64,7 +64,9 @@ def sweep(extra: list[str], etas: list[float], B_V: int, save_dir: str, target_r
 def table(name: str, results: dict) -> str:
     lines = [f"{name}: update {results['update']}, η₀ {results['learning_rate']:.3g}", "  ".join(COLUMNS)]
     for row in results["eta_sweep"]:
-        lines.append("  ".join(f"{row[c]:.4g}" for c in COLUMNS))
+        lines.append(
+            "  ".join("—" if row[c] is None else f"{row[c]:.4g}" for c in COLUMNS)
+        )  # results.json: NaN is null
     lines.append(json.dumps(results["eta_sweep_summary"]))
     lines.append(f"eta_sweep seconds {results['timings']['eta_sweep']:.1f} of {sum(results['timings'].values()):.1f}")
     return "\n".join(lines)
@@ -96,9 +98,12 @@ def main(
         output: the JSON's path (default bench/results/eta_sweep.json).
     """
     report = {}
+    path = Path(output or ROOT / "bench/results/eta_sweep.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         if not skip_identity:
             report["identity"] = sweep([], etas, B_V, folder + "/identity", target_rse, max_prompts, breakdown)
+            path.write_text(json.dumps(report, indent=2))  # each table as soon as it is measured
             print(table("no optimizer state", report["identity"]), flush=True)
         if not skip_adam:
             checkpoint = adam_checkpoint(Path(folder) / "trainer")
@@ -114,10 +119,8 @@ def main(
                 max_prompts,
                 breakdown,
             )
+            path.write_text(json.dumps(report, indent=2))
             print(table("real Adam state", report["adamw_step"]), flush=True)
-    path = Path(output or ROOT / "bench/results/eta_sweep.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
