@@ -3,11 +3,13 @@ covariance proxy, without an optimizer state (the default config: identity geome
 
     python bench/eta_sweep.py                      # both tables, B_V = 32 (~15 min on 2 CPU cores)
     python bench/eta_sweep.py --B_V 16 --skip_adam true
-    python bench/eta_sweep.py --skip_identity true --target_rse 0.33 --B_V 256   # resolved sizes (issue 21 item 4)
+    python bench/eta_sweep.py --skip_identity true --target_rse 0.33 --max_prompts 192 --B_V 64
+        # the Adam table at sizes that resolve δH₁ (issue 21 item 4): B_E = 80, B_U = 93 here, ~45 min in all
 
 The Adam state is real: a checkpoint-3/ of the HF Trainer after 3 AdamW steps (lr 1e-5, constant) of
 language-model loss on the arithmetic task's prompts with their answers, written into a temporary folder.
-The probe then takes the exact AdamW step (with the trainer's clipping) at each η.
+The probe then takes the exact AdamW step (with the trainer's clipping) at each η, at the identity table's
+batch shape (G = 4, 64 new tokens).
 Writes bench/results/eta_sweep.json and prints each table.
 """
 
