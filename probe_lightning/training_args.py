@@ -127,7 +127,7 @@ def resolve_trainer_settings(
             problem = f"{error}; the file was not loaded"
         if saved is None:
             saved, problem = {}, f"no {TRAINING_ARGS_FILE} in {checkpoint_folder}"
-        elif "num_generations" not in saved:  # a plain TrainingArguments (an SFT or LM-loss run), no GRPOConfig
+        elif problem is None and "num_generations" not in saved:  # a plain TrainingArguments (SFT, LM loss)
             problem = f"{checkpoint_folder}/{TRAINING_ARGS_FILE} holds no GRPO settings (not a GRPOConfig)"
     defaults = asdict(TrainerSettings()) | (PROBE_DEFAULTS if checkpoint_folder is None else {})
     values, sources = {}, {}
