@@ -37,11 +37,7 @@ UNCHANGED = {name: getattr(TrainerSettings(), name) for name in SETTING_NAMES if
 
 def grpo_config(output_dir, **overrides) -> trl.GRPOConfig:
     return trl.GRPOConfig(
-        output_dir=str(output_dir),
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
+        output_dir=str(output_dir), report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
         **overrides,
     )
 
