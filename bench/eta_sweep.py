@@ -66,9 +66,8 @@ def sweep(extra: list[str], etas: list[float], B_V: int, save_dir: str, target_r
 def table(name: str, results: dict) -> str:
     lines = [f"{name}: update {results['update']}, η₀ {results['learning_rate']:.3g}", "  ".join(COLUMNS)]
     for row in results["eta_sweep"]:
-        lines.append(
-            "  ".join("—" if row[c] is None else f"{row[c]:.4g}" for c in COLUMNS)
-        )  # results.json: NaN is null
+        # results.json writes NaN as null
+        lines.append("  ".join("—" if row[c] is None else f"{row[c]:.4g}" for c in COLUMNS))
     lines.append(json.dumps(results["eta_sweep_summary"]))
     lines.append(f"eta_sweep seconds {results['timings']['eta_sweep']:.1f} of {sum(results['timings'].values()):.1f}")
     return "\n".join(lines)
